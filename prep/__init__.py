@@ -1,0 +1,1 @@
+"""mvprep: the offline stage (decode once, lay out, write annotated WebDataset shards)."""

@@ -1,0 +1,1 @@
+"""mvtrain: the training stage (streams mvkit shards into budgeted batches)."""
