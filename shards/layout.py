@@ -68,9 +68,13 @@ def best_grid(
         for first in range(1, count + 1):
             if count % first:
                 continue
-            cols, rows = (count // first, first) if ties_prefer_more_rows else (first, count // first)
+            cols, rows = (
+                (count // first, first) if ties_prefer_more_rows else (first, count // first)
+            )
             error = abs(log_ratio - math.log(cols / rows))
-            if error < min_error or (ties_prefer_more_rows and error == min_error and rows > best[1]):
+            if error < min_error or (
+                ties_prefer_more_rows and error == min_error and rows > best[1]
+            ):
                 best, min_error = (cols, rows), error
     return best
 

@@ -1,0 +1,34 @@
+# mvkit: two set-up commands, `make demo` and `make test`, both from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO := demo
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+# torch first, pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch would
+# pull a multi-GB CUDA build. pyproject.toml keeps an open range for GPU users.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) scripts/make_demo_data.py $(DEMO)/data --seed 0
+	$(VENV)/bin/mvprep build $(DEMO)/data/demo.json --out $(DEMO)/shards --max-res 1344 \
+		--workers 2 --samples-per-shard 16
+	$(VENV)/bin/mvprep verify $(DEMO)/shards
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .hypothesis

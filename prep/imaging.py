@@ -1,0 +1,449 @@
+"""Pixels for the offline stage: read, probe, decode (oriented RGB), resize, encode.
+
+The rules, in the order an image meets them:
+
+1. ``read_image_bytes`` reads the whole file (one syscall-sized read; the sha256 and the
+   decoder both work from these bytes).
+2. ``probe_image`` parses the header only: format, stored mode, EXIF orientation and size.
+   Formats: JPEG (and MPO, the multi-picture JPEG many phones write), PNG, WebP, GIF (first
+   frame), BMP, TIFF (first page), AVIF where Pillow has it, HEIC/HEIF only when
+   ``pillow-heif`` is installed (``pip install 'mvkit[heic]'``). The pixel limit
+   (``max_pixels``, default :data:`DEFAULT_MAX_PIXELS`) applies to the stored size, before
+   any pixel is decoded.
+3. ``decode_rgb`` fully decodes (so a truncated file fails here, never later) to HxWx3 uint8
+   RGB with the EXIF orientation applied -- the orientation found by the probe, applied once
+   by us (OpenCV is told to ignore it). JPEGs decode at 1/2, 1/4 or 1/8 scale in the DCT
+   domain (libjpeg-turbo via OpenCV, or PIL ``draft`` for CMYK) when the result stays at
+   least ``min_size`` in both dimensions: reading the entropy-coded data dominates, so 1/2
+   scale costs ~half of a full decode, and the scaled IDCT is a clean low-pass. 8-bit RGB/gray
+   PNGs without transparency also decode through OpenCV (about 2x faster than PIL here).
+   Everything else goes through PIL. Mode conversion rules, including the transparency rule
+   (composite over white), are in :mod:`mvprep.image_modes`.
+4. ``resize_rgb`` does one resize from the decoded image: bicubic (``cv2.INTER_CUBIC``) when
+   shrinking at most 2x (or enlarging); pixel-area averaging (``cv2.INTER_AREA``) when
+   shrinking more than 2x on either axis, where a fixed 4-tap cubic would alias (text, fine
+   patterns). Sizes are (width, height) everywhere.
+5. ``encode_image`` writes JPEG (quality 95 default, 4:4:4 chroma: no colour bleeding on
+   text; baseline, standard Huffman tables), PNG (lossless, zlib level 3) or WebP (lossless,
+   fastest effort). No metadata, no timestamps: equal pixels give equal bytes.
+
+Threads: OpenCV's internal thread pool is set to 1 thread on first use here, since the build
+runs one worker process per core (extra threads only add contention and CPU time). A caller
+that wants OpenCV threads may call ``cv2.setNumThreads`` after the first call into this module.
+
+Pillow's own decompression-bomb limit is process-global; when a caller asks for a larger
+``max_pixels`` than Pillow allows, this module raises Pillow's limit to match (never lowers).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mvprep.image_modes import (
+    ORIENTATION_TAG,
+    jpeg_is_complete,
+    orient,
+    pil_to_rgb,
+    png_is_complete,
+    stored_size,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ERROR_REASONS",
+    "SUPPORTED_FORMATS",
+    "ImageError",
+    "ImageHeader",
+    "decode_rgb",
+    "encode_image",
+    "extension_for",
+    "probe_image",
+    "read_image_bytes",
+    "resize_rgb",
+]
+
+DEFAULT_MAX_PIXELS: int = 100_000_000
+"""Default pixel limit (stored width x height). 100 MP admits every mainstream camera and
+phone photo (<= 61 MP; 200 MP phone modes need ``--max-pixels``) and panoramas such as
+20000x5000, while bounding the worst case: a full (non-JPEG) decode of 100 MP is 300 MB of
+RGB, ~1 GB peak with mode conversion -- safe for one worker per core on 4 GB/core machines.
+Pillow's own warning threshold is 89.5 MP, of the same order."""
+
+ERROR_REASONS = (
+    "missing file",
+    "empty file",
+    "not an image",
+    "truncated image",
+    "decompression bomb",
+    "unsupported format",
+    "unreadable file",
+)
+
+SUPPORTED_FORMATS = frozenset(
+    {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF", "HEIF"}
+)
+"""PIL format names accepted by :func:`probe_image`."""
+
+_JPEG_FORMATS = ("JPEG", "MPO")
+_CV2_SCALE_FLAGS = {1: 0, 2: 16, 4: 32, 8: 64}  # IMREAD_REDUCED_* without the colour bit
+_CV2_BASE_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+class ImageError(Exception):
+    """Bad input image. ``.reason``: one-line category (one of :data:`ERROR_REASONS`) used
+    in rejects; ``str(exc)``: the detail (names the file and the fix)."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in ERROR_REASONS:
+            raise ValueError(f"unknown ImageError reason {reason!r}")
+        super().__init__(detail)
+        self.reason = reason
+
+    def __reduce__(self):  # keep reason across process boundaries (pickle)
+        return (type(self), (self.reason, str(self)))
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the probe learnt without decoding pixels."""
+
+    size: tuple[int, int]  # (w, h) AFTER EXIF orientation is applied
+    format: str  # PIL format name, e.g. "JPEG"
+    mode: str  # PIL mode as stored, e.g. "RGB", "CMYK", "I;16"
+    orientation: int  # EXIF orientation tag value 1-8, 1 when absent or invalid
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _prefix(name: str) -> str:
+    return f"{name}: " if name else ""
+
+
+_cv2_configured = False
+
+
+def _configure_cv2() -> None:
+    """Set OpenCV to one thread, once per process (see module docstring)."""
+    global _cv2_configured
+    if not _cv2_configured:
+        cv2.setNumThreads(1)
+        _cv2_configured = True
+
+
+def _allow_pixels(pixels: int) -> None:
+    """Raise Pillow's process-global bomb limit so images up to ``pixels`` open (never lower)."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and pixels > current:
+        Image.MAX_IMAGE_PIXELS = pixels
+
+
+def _ensure_heif() -> bool:
+    """Register pillow-heif's opener if the package is importable; True when available."""
+    try:
+        import pillow_heif  # noqa: PLC0415 - optional extra, imported only when needed
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _looks_like(data: bytes) -> str | None:
+    """Name the image format a damaged stream claims to be by its magic bytes, else None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if data[:2] == b"BM" and len(data) >= 18:
+        if int.from_bytes(data[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+            return "BMP"
+    if data[4:8] == b"ftyp":
+        return "HEIF" if data[8:12] in _HEIF_BRANDS else "ISO-BMFF"
+    return None
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    """``Image.open`` on bytes with errors mapped to :class:`ImageError` (header only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageError("decompression bomb", f"{_prefix(name)}{exc}") from exc
+        except UnidentifiedImageError as exc:
+            claimed = _looks_like(data)
+            if claimed == "HEIF":
+                if _ensure_heif():
+                    return Image.open(io.BytesIO(data))
+                raise ImageError(
+                    "unsupported format",
+                    f"{_prefix(name)}HEIC/HEIF image; install mvkit[heic] (pillow-heif) "
+                    "to read it, or convert it to JPEG",
+                ) from exc
+            if claimed == "ISO-BMFF":
+                raise ImageError(
+                    "unsupported format",
+                    f"{_prefix(name)}ISO media file (brand {data[8:12]!r}) that Pillow "
+                    "cannot read; convert it to JPEG or PNG",
+                ) from exc
+            if claimed is not None:
+                raise ImageError(
+                    "truncated image",
+                    f"{_prefix(name)}{claimed} signature but the header is cut or damaged; "
+                    "re-export or re-download the file",
+                ) from exc
+            raise ImageError(
+                "not an image",
+                f"{_prefix(name)}not a recognised image (starts with {data[:12]!r}); "
+                "check the path or re-export the file as JPEG/PNG",
+            ) from exc
+        except _DECODE_ERRORS as exc:
+            raise ImageError(
+                "truncated image", f"{_prefix(name)}header cannot be parsed: {exc}"
+            ) from exc
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation from the header alone (PNG: only an eXIf chunk before the pixels)."""
+    try:
+        # Image.getexif, not PngImageFile.getexif: the latter decodes the whole image to
+        # look for an eXIf chunk after the pixel data.
+        value = Image.Image.getexif(im).get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF must not reject a decodable image
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def read_image_bytes(path: Path) -> bytes:
+    """Return the whole file at ``path``.
+
+    Raises ImageError "missing file", "empty file" or "unreadable file" (a directory, no
+    permission, an I/O error).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageError(
+            "missing file",
+            f"{path}: no such file; image paths are relative to the data file's folder",
+        ) from exc
+    except IsADirectoryError as exc:
+        raise ImageError("unreadable file", f"{path}: is a directory, not an image") from exc
+    except OSError as exc:
+        raise ImageError(
+            "unreadable file", f"{path}: cannot be read ({exc.strerror or exc})"
+        ) from exc
+    if not data:
+        raise ImageError("empty file", f"{path}: file is empty (0 bytes); re-copy it")
+    return data
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> ImageHeader:
+    """Parse the header of an encoded image without decoding its pixels.
+
+    ``name`` is used only in messages. Raises ImageError "empty file", "not an image",
+    "truncated image" (recognised signature, damaged header), "unsupported format" or
+    "decompression bomb" (stored width x height above ``max_pixels``).
+    """
+    if not data:
+        raise ImageError("empty file", f"{_prefix(name)}file is empty (0 bytes)")
+    _allow_pixels(max_pixels)
+    im = _open(data, name)
+    fmt = im.format or "?"
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError(
+            "unsupported format",
+            f"{_prefix(name)}format {fmt} is not supported "
+            f"(use one of {', '.join(sorted(SUPPORTED_FORMATS))})",
+        )
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageError("not an image", f"{_prefix(name)}{fmt} header says {w}x{h} pixels")
+    if w * h > max_pixels:
+        raise ImageError(
+            "decompression bomb",
+            f"{_prefix(name)}{w}x{h} = {w * h / 1e6:.1f} MP exceeds the pixel limit "
+            f"{max_pixels} ({max_pixels / 1e6:g} MP); raise --max-pixels if it is genuine",
+        )
+    orientation = _orientation(im)
+    return ImageHeader(stored_size((w, h), orientation), fmt, im.mode, orientation)
+
+
+def _reduction(header: ImageHeader, min_size: tuple[int, int]) -> int:
+    """Largest JPEG scale denominator (8, 4, 2 or 1) whose output covers ``min_size``."""
+    if header.format not in _JPEG_FORMATS:
+        return 1
+    w, h = stored_size(header.size, header.orientation)
+    mw, mh = stored_size(min_size, header.orientation)
+    for k in (8, 4, 2):
+        if -(-w // k) >= mw and -(-h // k) >= mh:
+            return k
+    return 1
+
+
+def _cv2_decode(data: bytes, k: int) -> np.ndarray | None:
+    """OpenCV decode at scale 1/k, RGB, orientation NOT applied; None when OpenCV fails."""
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_SCALE_FLAGS[k] | _CV2_BASE_FLAGS)
+    except cv2.error:
+        return None
+    if arr is None or arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        return None
+    return arr
+
+
+def _png_fast_ok(data: bytes, header: ImageHeader) -> bool:
+    if header.format != "PNG" or header.mode not in ("RGB", "L") or not png_is_complete(data):
+        return False
+    idat = data.find(b"IDAT")
+    return idat > 0 and data.find(b"tRNS", 0, idat) == -1
+
+
+def _pil_decode(data: bytes, header: ImageHeader, k: int, name: str) -> np.ndarray:
+    """PIL decode (JPEG ``draft`` at 1/k when k > 1), any mode -> RGB, stored orientation."""
+    if header.format == "HEIF":
+        _ensure_heif()
+    w, h = stored_size(header.size, header.orientation)
+    _allow_pixels(w * h)  # the probe has vetted this size
+    im = _open(data, name)
+    if k > 1 and im.format in _JPEG_FORMATS:
+        im.draft("RGB" if im.mode == "RGB" else None, (max(1, w // k), max(1, h // k)))
+    try:
+        im.load()
+        return pil_to_rgb(im)
+    except _DECODE_ERRORS as exc:
+        if isinstance(exc, ValueError) and "conversion" in str(exc):
+            raise ImageError(
+                "unsupported format", f"{_prefix(name)}{im.mode} pixels cannot become RGB: {exc}"
+            ) from exc
+        raise ImageError(
+            "truncated image",
+            f"{_prefix(name)}{header.format} data is cut or corrupt ({exc}); "
+            "re-export or re-download the file",
+        ) from exc
+
+
+def decode_rgb(
+    data: bytes, header: ImageHeader, min_size: tuple[int, int], name: str = ""
+) -> np.ndarray:
+    """Decode ``data`` (probed as ``header``) to an HxWx3 uint8 RGB array, EXIF-oriented.
+
+    JPEGs decode at 1/2, 1/4 or 1/8 scale when the result is still >= ``min_size`` (w, h in
+    oriented coordinates: the largest size the caller will resize to) in both dimensions;
+    other formats decode at full size. The result is (ceil(H/k), ceil(W/k)) for the chosen
+    scale 1/k. Raises ImageError "truncated image" for cut or corrupt data, "unsupported
+    format" for pixels that have no RGB conversion or HEIC without pillow-heif.
+    """
+    _configure_cv2()
+    k = _reduction(header, min_size)
+    arr = None
+    if header.format in _JPEG_FORMATS and header.mode in ("RGB", "L"):
+        if jpeg_is_complete(data):  # else PIL decides: it raises on truncation
+            arr = _cv2_decode(data, k)
+    elif _png_fast_ok(data, header):
+        arr = _cv2_decode(data, 1)
+    sw, sh = stored_size(header.size, header.orientation)
+    if arr is None or arr.shape[:2] != (-(-sh // k), -(-sw // k)):
+        arr = _pil_decode(data, header, k, name)
+    dh, dw = arr.shape[:2]
+    scale = next((s for s in (1, 2, 4, 8) if (dw, dh) == (-(-sw // s), -(-sh // s))), None)
+    if scale is None:
+        raise ImageError(
+            "truncated image",
+            f"{_prefix(name)}decoded {dw}x{dh} pixels but the header says {sw}x{sh}; "
+            "the file is inconsistent, re-export it",
+        )
+    return orient(arr, header.orientation)
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an HxWx3 uint8 array to exactly ``size`` = (w, h).
+
+    Bicubic when the shrink factor is <= 2 on both axes (or when enlarging), pixel-area
+    averaging when either axis shrinks more than 2x. Returns ``rgb`` itself when the size
+    already matches.
+    """
+    w, h = int(size[0]), int(size[1])
+    if w < 1 or h < 1:
+        raise ValueError(f"resize_rgb: target size must be positive, got {size}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"resize_rgb: expected HxWx3 uint8, got {rgb.shape} {rgb.dtype}")
+    ih, iw = rgb.shape[:2]
+    if (iw, ih) == (w, h):
+        return rgb
+    _configure_cv2()
+    shrink = max(iw / w, ih / h)
+    interp = cv2.INTER_AREA if shrink > 2.0 else cv2.INTER_CUBIC
+    return cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=interp)
+
+
+_EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
+
+
+def _norm_fmt(fmt: str) -> str:
+    f = fmt.lower()
+    if f not in _EXTENSIONS:
+        raise ValueError(f"image format must be jpeg, png or webp, got {fmt!r}")
+    return "jpeg" if f == "jpg" else f
+
+
+def extension_for(fmt: str) -> str:
+    """File extension (no dot) for an output format: jpeg -> jpg, png -> png, webp -> webp."""
+    return _EXTENSIONS[_norm_fmt(fmt)]
+
+
+def encode_image(rgb: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """Encode an HxWx3 uint8 RGB array as ``fmt`` ("jpeg", "png" or "webp").
+
+    JPEG: ``quality`` (1-100), 4:4:4 chroma, baseline. PNG: lossless, zlib level 3. WebP:
+    lossless, fastest effort (``quality`` is ignored for PNG and WebP). Deterministic: no
+    metadata or timestamps, equal input gives equal bytes.
+    """
+    f = _norm_fmt(fmt)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"encode_image: expected HxWx3 uint8, got {rgb.shape} {rgb.dtype}")
+    if f == "webp":
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(
+            buf, "WEBP", lossless=True, method=0, quality=50, exact=True
+        )
+        return buf.getvalue()
+    _configure_cv2()
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    if f == "jpeg":
+        if not 1 <= quality <= 100:
+            raise ValueError(f"JPEG quality must be 1-100, got {quality}")
+        params = [
+            cv2.IMWRITE_JPEG_QUALITY, int(quality),
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+            cv2.IMWRITE_JPEG_OPTIMIZE, 0,
+            cv2.IMWRITE_JPEG_PROGRESSIVE, 0,
+        ]  # fmt: skip
+        ok, out = cv2.imencode(".jpg", bgr, params)
+    else:
+        ok, out = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError(f"OpenCV failed to encode a {rgb.shape} image as {f}")
+    return out.tobytes()

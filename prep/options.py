@@ -1,0 +1,69 @@
+"""Build options: everything that decides the bytes of a shard, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mvshards.layout import max_slice_nums_for_res
+from mvshards.profiles import DEFAULT_PROFILE, ImageIdForm, get_profile
+
+IMAGE_FORMATS = ("jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Options of one ``mvprep build``. Equal options on equal input give equal shards.
+
+    ``workers`` and progress settings are deliberately absent: they change how fast a
+    build runs, never what it writes.
+    """
+
+    data_path: Path
+    out_dir: Path
+    profile: str = DEFAULT_PROFILE
+    max_res: int | None = 1344
+    max_slice_nums: int | None = None
+    image_format: str = "jpeg"
+    quality: int = 95
+    tokenizer: str | None = None
+    max_tokens: int | None = None
+    max_pixels: int | None = None
+    samples_per_shard: int = 1000
+    allow_outside_root: bool = False
+    image_id_form: ImageIdForm | None = None
+
+    def __post_init__(self) -> None:
+        get_profile(self.profile)
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"--format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be in 1..100, got {self.quality}")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_res is not None and self.max_slice_nums is not None:
+            raise ValueError("give --max-res or --max-slice-nums, not both")
+        self.resolved_max_slice_nums  # noqa: B018 - validates max_res
+
+    @property
+    def resolved_max_slice_nums(self) -> int:
+        if self.max_slice_nums is not None:
+            if self.max_slice_nums < 1:
+                raise ValueError(f"--max-slice-nums must be >= 1, got {self.max_slice_nums}")
+            return self.max_slice_nums
+        return max_slice_nums_for_res(self.max_res if self.max_res is not None else 1344)
+
+    @property
+    def resolved_image_id_form(self) -> ImageIdForm:
+        return self.image_id_form or get_profile(self.profile).default_image_id_form
+
+    def params(self) -> dict[str, Any]:
+        """The parameters recorded in ``build.json`` and the manifest (paths as strings)."""
+        raw = asdict(self)
+        raw["data_path"] = str(Path(self.data_path).resolve())
+        raw.pop("out_dir")
+        raw["max_slice_nums"] = self.resolved_max_slice_nums
+        raw["image_id_form"] = self.resolved_image_id_form
+        raw["tokenizer"] = str(Path(self.tokenizer).resolve()) if self.tokenizer else None
+        return raw

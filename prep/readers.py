@@ -1,0 +1,240 @@
+"""Reading dataset files: a JSON list or JSON Lines, addressed by record position.
+
+``open_dataset(path)`` looks at the file once and returns a :class:`DatasetSource` that
+knows how many records there are and yields any range of them, so the work units
+("records ``[start, stop)`` -> one shard") can each read just their own slice.
+
+* JSON Lines (``.jsonl``/``.ndjson``): one object per line; blank lines are skipped and are
+  not records. Opening scans the file once and keeps the byte offset of every record line
+  (8 bytes a record, ``array('q')``); ``read_range`` seeks to its first line and parses only
+  its own lines, so memory and time do not grow with the file. A line that is not valid JSON
+  or not an object is yielded as a :class:`RecordError` ("malformed record") at its index;
+  the other records keep their positions.
+* JSON (``.json``): a top-level list, parsed whole when the file is opened (and again, once,
+  in each process that unpickles the source). Fine up to a few GB of text; beyond that the
+  way to scale is the same byte-offset index over the list's elements (a streaming scan
+  that records where each top-level element starts), or converting the file to JSONL.
+
+Any other extension is sniffed: a file whose first non-blank character is ``[`` is JSON,
+``{`` is JSONL. Problems that make the whole file unusable (missing, empty, not a list, not
+valid JSON) raise :class:`DatasetError`; a bad record never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from mvprep.records import MALFORMED, RecordError, json_type_name
+
+DatasetFormat = Literal["json", "jsonl"]
+RawRecord = dict[str, Any] | RecordError
+"""What ``read_range`` yields per index: the raw record object, or why it is unreadable."""
+_BOM = b"\xef\xbb\xbf"
+_SNIFF_BYTES = 4096
+
+
+class DatasetError(Exception):
+    """The dataset file as a whole cannot be used (one line, naming the file and the fix)."""
+
+
+class DatasetSource:
+    """An opened dataset file.
+
+    ``path`` is the data file, ``root`` its folder (image paths are relative to it),
+    ``num_records`` the number of records, ``format`` ``"json"`` or ``"jsonl"``.
+    """
+
+    path: Path
+    root: Path
+    num_records: int
+    format: DatasetFormat
+
+    def read_range(self, start: int, stop: int) -> Iterator[tuple[int, RawRecord]]:
+        """Yield ``(index, record)`` for every index in ``[start, stop)`` exactly once, in order.
+
+        ``record`` is the raw object, or a :class:`RecordError` when the record could not
+        even be parsed. The range is clipped to ``[0, num_records)``.
+        """
+        raise NotImplementedError
+
+    def _check_range(self, start: int, stop: int) -> tuple[int, int]:
+        if start < 0 or stop < start:
+            raise ValueError(f"bad record range [{start}, {stop}) for {self.path}")
+        stop = min(stop, self.num_records)
+        return min(start, stop), stop
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, num_records={self.num_records})"
+
+
+class JsonListSource(DatasetSource):
+    """A JSON file holding a list of records, parsed whole (see the module docstring)."""
+
+    format: DatasetFormat = "json"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.root = path.absolute().parent
+        self._records: list[Any] | None = _load_json_list(path)
+        self.num_records = len(self._records)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Do not ship the parsed list to worker processes; each one re-reads the file once.
+        state = self.__dict__.copy()
+        state["_records"] = None
+        return state
+
+    def read_range(self, start: int, stop: int) -> Iterator[tuple[int, RawRecord]]:
+        start, stop = self._check_range(start, stop)
+        if self._records is None:
+            self._records = _load_json_list(self.path)
+            if len(self._records) != self.num_records:
+                raise DatasetError(
+                    f"{self.path} changed since it was opened ({self.num_records} records, "
+                    f"now {len(self._records)}); do not edit the data file during a build"
+                )
+        for index in range(start, stop):
+            record = self._records[index]
+            if isinstance(record, dict):
+                yield index, record
+            else:
+                yield index, _not_an_object(record, index, self.path, "list element")
+
+
+class JsonLinesSource(DatasetSource):
+    """A JSON Lines file with a byte-offset index of its non-blank lines."""
+
+    format: DatasetFormat = "jsonl"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.root = path.absolute().parent
+        self._stamp = _stamp(path)
+        self.offsets = _index_lines(path)
+        """``offsets[i]``: byte offset of record ``i``'s line; ``array('q')``."""
+        self.num_records = len(self.offsets)
+
+    def read_range(self, start: int, stop: int) -> Iterator[tuple[int, RawRecord]]:
+        start, stop = self._check_range(start, stop)
+        if start == stop:
+            return
+        if _stamp(self.path) != self._stamp:
+            raise DatasetError(
+                f"{self.path} changed since it was indexed; do not edit the data file "
+                "during a build (start again to re-index it)"
+            )
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[start])
+            for index in range(start, stop):
+                pos = self.offsets[index]
+                if f.tell() != pos:  # blank lines in between
+                    f.seek(pos)
+                line = f.readline()
+                yield index, _parse_line(line, index, self.path, pos)
+
+
+def open_dataset(path: Path | str) -> DatasetSource:
+    """Open a dataset file (JSON list or JSON Lines; see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset file {path} not found; check the path")
+    if not path.is_file():
+        raise DatasetError(f"dataset path {path} is not a file; give the .json or .jsonl file")
+    fmt = _detect_format(path)
+    if fmt == "json":
+        return JsonListSource(path)
+    return JsonLinesSource(path)
+
+
+def _detect_format(path: Path) -> DatasetFormat:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    head = head.removeprefix(_BOM).lstrip()
+    if not head:
+        raise DatasetError(f"dataset file {path} is empty; it must hold records")
+    if head[:1] == b"[":
+        return "json"
+    if head[:1] == b"{":
+        return "jsonl"
+    raise DatasetError(
+        f"cannot tell the format of {path}: it starts with neither '[' (a JSON list) nor "
+        "'{' (JSON Lines); name it .json or .jsonl"
+    )
+
+
+def _load_json_list(path: Path) -> list[Any]:
+    data = path.read_bytes()
+    if not data.strip():
+        raise DatasetError(f"dataset file {path} is empty; it must hold a JSON list of records")
+    try:
+        obj = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"dataset file {path} is not UTF-8 text: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if exc.msg == "Extra data" and data.lstrip(_BOM + b" \t\r\n")[:1] == b"{":
+            hint = "; it looks like JSON Lines: name it .jsonl"
+        raise DatasetError(
+            f"dataset file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg}){hint}"
+        ) from exc
+    if not isinstance(obj, list):
+        raise DatasetError(
+            f"dataset file {path} holds a JSON {json_type_name(obj)}, not a list of records; "
+            "wrap the records in [...] (or write one record per line as .jsonl)"
+        )
+    return obj
+
+
+def _index_lines(path: Path) -> array:
+    offsets = array("q")
+    pos = 0
+    with open(path, "rb", buffering=1 << 20) as f:
+        for line in f:
+            body = line.removeprefix(_BOM) if pos == 0 else line
+            if body.strip():
+                offsets.append(pos)
+            pos += len(line)
+    if not offsets:
+        raise DatasetError(f"dataset file {path} is empty; it must hold one record per line")
+    return offsets
+
+
+def _parse_line(line: bytes, index: int, path: Path, pos: int) -> dict[str, Any] | RecordError:
+    """Parse the line of record ``index`` (at byte ``pos``) or describe why it is malformed."""
+    if pos == 0:
+        line = line.removeprefix(_BOM)
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return RecordError(
+            MALFORMED,
+            f"record {index} ({path.name}, line at byte {pos}) is not valid JSON: {exc}; "
+            "fix or remove that line",
+        )
+    if not isinstance(obj, dict):
+        return _not_an_object(obj, index, path, f"line at byte {pos}")
+    return obj
+
+
+def _not_an_object(obj: Any, index: int, path: Path, where: str) -> RecordError:
+    return RecordError(
+        MALFORMED,
+        f"record {index} ({path.name}, {where}) is a JSON {json_type_name(obj)}, not an object; "
+        "each record must be one object with 'conversations'",
+    )
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
