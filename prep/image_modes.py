@@ -1,5 +1,6 @@
-"""Pixel-level helpers behind :mod:`mvprep.imaging`: PIL mode -> RGB rules, EXIF orientation
-on arrays, and cheap "is this stream complete?" checks that gate the OpenCV fast paths.
+"""Pixel operations behind :mod:`mvprep.imaging` (import them from there): PIL mode -> RGB
+rules, EXIF orientation on arrays, ``resize_rgb`` and ``encode_image``, plus byte-level
+format sniffing and the cheap "is this stream complete?" checks that gate the OpenCV paths.
 
 Mode rules (the single documented conversion of every PIL mode to 8-bit RGB):
 
@@ -22,20 +23,33 @@ official fine-tuning code does).
 
 from __future__ import annotations
 
+import io
+import math
+
 import cv2
 import numpy as np
 from PIL import Image
 
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 
 __all__ = [
+    "AA_MIN_SHRINK",
+    "HEIF_BRANDS",
     "ORIENTATION_TAG",
+    "aa_kernel",
     "composite_over_white",
+    "configure_cv2",
+    "cubic_weights",
+    "encode_image",
+    "extension_for",
     "jpeg_is_complete",
     "orient",
     "pil_to_rgb",
     "png_is_complete",
     "rescale16",
+    "resize_rgb",
+    "sniff_format",
     "stored_size",
 ]
 
@@ -89,6 +103,18 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(gray, np.uint8), cv2.COLOR_GRAY2RGB)
 
 
+def _has_transparency(im: Image.Image) -> bool:
+    """``Image.has_transparency_data`` (Pillow >= 10.1), with a fallback for older Pillow."""
+    if hasattr(im, "has_transparency_data"):
+        return bool(im.has_transparency_data)
+    alpha_modes = ("LA", "La", "PA", "RGBA", "RGBa")
+    return (
+        im.mode in alpha_modes
+        or "transparency" in im.info
+        or (im.mode == "P" and im.palette is not None and im.palette.mode.endswith("A"))
+    )
+
+
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
     """Convert a loaded PIL image of any mode to an HxWx3 uint8 RGB array (module rules).
 
@@ -102,7 +128,7 @@ def pil_to_rgb(im: Image.Image) -> np.ndarray:
     if mode == "F":
         f = np.nan_to_num(np.asarray(im, np.float32), nan=0.0, posinf=1.0, neginf=0.0)
         return _gray_to_rgb(np.rint(np.clip(f, 0.0, 1.0) * 255.0).astype(np.uint8))
-    if im.has_transparency_data:
+    if _has_transparency(im):
         return composite_over_white(np.asarray(im.convert("RGBA")))
     if mode == "RGB":
         return np.array(im)  # writable copy
@@ -117,10 +143,11 @@ def jpeg_is_complete(data: bytes) -> bool:
     """True when a JPEG stream reaches its end-of-image marker after the first scan.
 
     Walks the marker segments up to the first SOS (segment lengths are explicit, so an EXIF
-    thumbnail's own EOI inside APP1 is skipped), then looks for FFD9 after it (searching from
-    the end: a complete file ends with it, so this costs microseconds): entropy-coded data
-    byte-stuffs every 0xFF, so FFD9 after the scan header can only be a real EOI. A False here does
-    not mean the file is bad, only that the fast path must not be trusted with it.
+    thumbnail's own EOI inside APP1 is skipped), then looks for FFD9 after it, searching from
+    the end (a complete file ends with it, so this costs microseconds). Entropy-coded data
+    byte-stuffs every 0xFF, so FFD9 after the scan header can only be a real EOI. False does
+    not mean the file is bad, only that the OpenCV path is not trusted with it (OpenCV 4.x
+    returns a grey-filled image for a cut JPEG; PIL raises, so PIL decides).
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
@@ -148,3 +175,140 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 def png_is_complete(data: bytes) -> bool:
     """True when a PNG stream ends with its IEND chunk (a cut file does not)."""
     return data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(_PNG_IEND)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the image format a damaged stream claims to be by its magic bytes, else None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    dib_header_sizes = (12, 40, 52, 56, 64, 108, 124)
+    if data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in dib_header_sizes:
+        return "BMP"
+    if data[4:8] == b"ftyp":
+        return "HEIF" if data[8:12] in HEIF_BRANDS else "ISO-BMFF"
+    return None
+
+
+AA_MIN_SHRINK = 1.15
+"""Below this shrink factor plain bicubic is already at least as close to an ideal
+(antialiased) resize as prefilter + bicubic (measured on photos and screenshots)."""
+
+
+def cubic_weights(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys cubic kernel (a = -0.5, as PIL's BICUBIC and OpenCV's INTER_CUBIC use)."""
+    x = np.abs(x)
+    near = (a + 2) * x**3 - (a + 3) * x**2 + 1
+    far = a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def aa_kernel(f: float) -> np.ndarray:
+    """1-D prefilter for an ``f``-times shrink: the cubic kernel stretched by ``f`` (what PIL's
+    antialiased BICUBIC convolves with), sampled at the input pixels, taps of zero weight
+    dropped, normalised to sum 1."""
+    if f <= AA_MIN_SHRINK:
+        return np.ones(1, np.float32)
+    r = math.ceil(2 * f) - 1  # largest offset with |d / f| < 2
+    w = cubic_weights(np.arange(-r, r + 1, dtype=np.float64) / f)
+    return (w / w.sum()).astype(np.float32)
+
+
+_CV2_CONFIGURED = False
+
+
+def configure_cv2() -> None:
+    """Set OpenCV to one thread, once per process (the build runs one worker process per
+    core; OpenCV's own threads would only add contention and CPU time)."""
+    global _CV2_CONFIGURED
+    if not _CV2_CONFIGURED:
+        cv2.setNumThreads(1)
+        _CV2_CONFIGURED = True
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int], antialias: bool = True) -> np.ndarray:
+    """Resize an HxWx3 uint8 array to exactly ``size`` = (w, h), one resampling step.
+
+    Rule, with f the shrink factor per axis (input / output):
+    - max f > 2: pixel-area averaging (``cv2.INTER_AREA``); a fixed 4-tap cubic would alias.
+    - otherwise bicubic (``cv2.INTER_CUBIC``); with ``antialias`` (default) each axis with
+      f > :data:`AA_MIN_SHRINK` is first low-passed with the cubic kernel stretched by f, so
+      the result matches PIL's antialiased BICUBIC (within ~1 dB PSNR on photos, where plain
+      cubic falls 5-10 dB behind at f = 1.5-2 and aliases text). Costs ~4 ms per 3 MP input.
+      ``antialias=False`` gives plain cubic (cheapest).
+    Returns ``rgb`` itself when the size already matches.
+    """
+    w, h = int(size[0]), int(size[1])
+    if w < 1 or h < 1:
+        raise ValueError(f"resize_rgb: target size must be positive, got {size}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"resize_rgb: expected HxWx3 uint8, got {rgb.shape} {rgb.dtype}")
+    ih, iw = rgb.shape[:2]
+    if (iw, ih) == (w, h):
+        return rgb
+    configure_cv2()
+    src = np.ascontiguousarray(rgb)
+    fx, fy = iw / w, ih / h
+    if max(fx, fy) > 2.0:
+        return cv2.resize(src, (w, h), interpolation=cv2.INTER_AREA)
+    if antialias and max(fx, fy) > AA_MIN_SHRINK:
+        kx, ky = aa_kernel(fx), aa_kernel(fy)
+        src = cv2.sepFilter2D(src, -1, kx, ky, borderType=cv2.BORDER_REFLECT)
+    return cv2.resize(src, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+_EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
+
+
+def _norm_fmt(fmt: str) -> str:
+    f = fmt.lower()
+    if f not in _EXTENSIONS:
+        raise ValueError(f"image format must be jpeg, png or webp, got {fmt!r}")
+    return "jpeg" if f == "jpg" else f
+
+
+def extension_for(fmt: str) -> str:
+    """File extension (no dot) for an output format: jpeg -> jpg, png -> png, webp -> webp."""
+    return _EXTENSIONS[_norm_fmt(fmt)]
+
+
+def encode_image(rgb: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """Encode an HxWx3 uint8 RGB array as ``fmt`` ("jpeg", "png" or "webp").
+
+    JPEG: ``quality`` (1-100), 4:4:4 chroma, baseline. PNG: lossless, zlib level 3. WebP:
+    lossless, fastest effort (``quality`` is ignored for PNG and WebP). Deterministic: no
+    metadata or timestamps, equal input gives equal bytes.
+    """
+    f = _norm_fmt(fmt)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"encode_image: expected HxWx3 uint8, got {rgb.shape} {rgb.dtype}")
+    if f == "webp":
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(
+            buf, "WEBP", lossless=True, method=0, quality=50, exact=True
+        )
+        return buf.getvalue()
+    configure_cv2()
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    if f == "jpeg":
+        if not 1 <= quality <= 100:
+            raise ValueError(f"JPEG quality must be 1-100, got {quality}")
+        params = [
+            cv2.IMWRITE_JPEG_QUALITY, int(quality),
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+            cv2.IMWRITE_JPEG_OPTIMIZE, 0,
+            cv2.IMWRITE_JPEG_PROGRESSIVE, 0,
+        ]  # fmt: skip
+        ok, out = cv2.imencode(".jpg", bgr, params)
+    else:
+        ok, out = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError(f"OpenCV failed to encode a {rgb.shape} image as {f}")
+    return out.tobytes()

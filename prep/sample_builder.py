@@ -125,7 +125,7 @@ def build_sample(
                 max(min_size[1], layout.refine_size[1]),
             )
         with _naming(p.path):
-            rgb = decode_rgb(p.data, p.header, min_size)
+            rgb = decode_rgb(p.data, p.header, min_size, name=p.path)
         src_name = source_member(key, i, ext)
         members[src_name] = encode_image(
             resize_rgb(rgb, layout.source_size), options.image_format, options.quality

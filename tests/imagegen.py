@@ -3,8 +3,9 @@
 Everything here is deterministic for a given seed and needs only numpy, OpenCV and Pillow
 (scikit-image is used only by :func:`real_photo`, imported lazily).
 
-- :func:`make_photo` -- photo-like RGB: a 1/f ("pink") multi-octave colour field, soft
-  shapes with hard edges and sensor noise; compresses like a real camera photo.
+- :func:`make_photo` -- photo-like RGB: a 1/f-like multi-octave colour field, shapes with
+  hard edges that shift the local colour, sensor noise; a 12 MP q90 JPEG of it is 3-4 MB and
+  decodes like a phone photo (generating 12 MP takes ~1-3 s: cache files in a bench).
 - :func:`make_screenshot` -- UI/document-like RGB: flat panels, thin rules and dense
   text-like glyph strokes with pixel-sharp edges.
 - :func:`save_jpeg` / :func:`save_image` -- write arrays or PIL images in a given format and
@@ -216,7 +217,9 @@ def save_image(
             mode = "RGBA" if arr.ndim == 3 and arr.shape[2] == 4 else "RGB"
         im = _to_mode(arr, mode)
     exif = _exif_bytes(exif_orientation)
-    if exif is not None:
+    if exif is not None and fmt_u == "TIFF":  # TIFF keeps the tag in its own IFD
+        save_kwargs.setdefault("tiffinfo", {EXIF_ORIENTATION_TAG: exif_orientation})
+    elif exif is not None:
         save_kwargs.setdefault("exif", exif)
     target = path if hasattr(path, "write") else Path(path)
     im.save(target, fmt_u, **save_kwargs)

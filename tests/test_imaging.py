@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from imagegen import make_photo, make_screenshot, save_image, save_jpeg
 from PIL import Image, ImageOps
 
+from mvprep import imaging
 from mvprep.image_modes import jpeg_is_complete, stored_size
 from mvprep.imaging import (
     DEFAULT_MAX_PIXELS,
@@ -58,7 +59,7 @@ def pil_reference(path: Path) -> np.ndarray:
 @pytest.mark.parametrize(
     ("fmt", "ext", "min_psnr"),
     [
-        ("JPEG", "jpg", 30.0),
+        ("JPEG", "jpg", 27.0),  # q95 4:2:0 of a noisy 83x57 image
         ("PNG", "png", math.inf),
         ("WEBP", "webp", math.inf),  # saved lossless below
         ("BMP", "bmp", math.inf),
@@ -92,14 +93,15 @@ def test_mpo_uses_jpeg_paths(tmp_path):
     Image.fromarray(a).save(path, "MPO", save_all=True, append_images=[Image.fromarray(b)])
     header = probe_image(read_image_bytes(path))
     assert header.format == "MPO"
-    assert psnr(load(path), a) > 30
+    out = load(path)
+    assert psnr(out, a) > psnr(out, b) + 6  # the first picture, not the second
     assert load(path, (32, 24)).shape == (24, 32, 3)  # reduced decode applies to MPO too
 
 
 def test_progressive_and_grayscale_jpeg(tmp_path):
     rgb = make_photo(160, 96, 3)
     prog = save_jpeg(tmp_path / "p.jpg", rgb, quality=92, progressive=True)
-    assert psnr(load(prog), rgb) > 30
+    assert psnr(load(prog), rgb) > 27
     assert load(prog, (40, 24)).shape == (24, 40, 3)
     gray = save_image(tmp_path / "g.jpg", rgb, "JPEG", mode="L", quality=95)
     out = load(gray, (80, 48))
@@ -155,8 +157,10 @@ def expected_over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.floor(rgb * a + 255.0 * (1 - a) + 0.5).astype(np.uint8)
 
 
-@pytest.mark.parametrize(("mode", "fmt"), [("RGBA", "PNG"), ("RGBA", "WEBP"), ("RGBA", "TIFF"),
-                                           ("LA", "PNG"), ("LA", "TIFF")])
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("RGBA", "PNG"), ("RGBA", "WEBP"), ("RGBA", "TIFF"), ("LA", "PNG"), ("LA", "TIFF")],
+)
 def test_alpha_composites_over_white(tmp_path, mode, fmt):
     rgb = make_photo(64, 20, 4)
     alpha = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (20, 1))
@@ -216,12 +220,16 @@ def test_cmyk(tmp_path, fmt):
     for i, c in enumerate(colours):
         rgb[(i // 2) * 32 : (i // 2 + 1) * 32, (i % 2) * 32 : (i % 2 + 1) * 32] = c
     path = tmp_path / f"c.{fmt.lower()}"
-    Image.fromarray(rgb).convert("CMYK").save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    Image.fromarray(rgb).convert("CMYK").save(
+        path, fmt, **({"quality": 95} if fmt == "JPEG" else {})
+    )
     assert probe_image(read_image_bytes(path)).mode == "CMYK"
-    for min_size, k in (((64, 64), 1), ((16, 16), 4)):
+    for min_size in ((64, 64), (16, 16)):
         out = load(path, min_size)
-        if fmt == "JPEG":
-            assert out.shape == (64 // k, 64 // k, 3)
+        k = 64 // out.shape[0]
+        assert out.shape == (64 // k, 64 // k, 3) and k == (
+            4 if min_size[0] == 16 and fmt == "JPEG" else 1
+        )
         for i, c in enumerate(colours):
             y, x = ((i // 2) * 32 + 16) // k, ((i % 2) * 32 + 16) // k
             assert np.abs(out[y, x].astype(int) - c).max() <= 12
@@ -309,7 +317,9 @@ def test_bad_orientation_value_is_ignored(tmp_path):
 )
 def test_reduced_decode_never_below_min_size(w, h, orientation, fx, fy, mode):
     buf = io.BytesIO()
-    save_jpeg(buf, Image.fromarray(make_photo(w, h, w * h)).convert(mode), exif_orientation=orientation)
+    save_jpeg(
+        buf, Image.fromarray(make_photo(w, h, w * h)).convert(mode), exif_orientation=orientation
+    )
     data = buf.getvalue()
     header = probe_image(data)
     ow, oh = header.size
@@ -318,7 +328,12 @@ def test_reduced_decode_never_below_min_size(w, h, orientation, fx, fy, mode):
     out = decode_rgb(data, header, min_size)
     dh, dw = out.shape[:2]
     # the largest JPEG scale 1/k whose (ceil-rounded) output still covers min_size
-    k = max(s for s in (1, 2, 4, 8) if s == 1 or (-(-ow // s) >= min_size[0] and -(-oh // s) >= min_size[1]))
+    k = max(
+        s
+        for s in (1, 2, 4, 8)
+        if s == 1
+        or (s <= min(ow, oh) and -(-ow // s) >= min_size[0] and -(-oh // s) >= min_size[1])
+    )
     assert (dw, dh) == (-(-ow // k), -(-oh // k))
     if min_size[0] <= ow and min_size[1] <= oh:
         assert dw >= min_size[0] and dh >= min_size[1]
@@ -356,28 +371,57 @@ def test_reduced_decode_quality_on_a_real_photo(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    iw=st.integers(1, 120), ih=st.integers(1, 120), w=st.integers(1, 200), h=st.integers(1, 200)
-)
+@given(iw=st.integers(1, 120), ih=st.integers(1, 120), w=st.integers(1, 200), h=st.integers(1, 200))
 def test_resize_returns_exact_size(iw, ih, w, h):
     rgb = make_photo(iw, ih, 7)
     out = resize_rgb(rgb, (w, h))
     assert out.shape == (h, w, 3) and out.dtype == np.uint8
 
 
-def test_resize_rule_cubic_up_to_2x_area_beyond():
+def grating(w: int, h: int, period: float) -> np.ndarray:
+    """Vertical sine grating (text-like fine detail) as an HxWx3 uint8 image."""
+    row = 127.5 + 127.5 * np.sin(2 * np.pi * np.arange(w) / period)
+    return np.repeat(np.tile(row, (h, 1))[:, :, None], 3, axis=2).round().astype(np.uint8)
+
+
+def test_resize_rule():
     rgb = make_photo(120, 90, 8)
-    cubic = cv2.resize(rgb, (80, 60), interpolation=cv2.INTER_CUBIC)
-    assert (resize_rgb(rgb, (80, 60)) == cubic).all()  # 1.5x shrink: bicubic
-    assert (resize_rgb(rgb, (60, 45)) == cv2.resize(rgb, (60, 45), interpolation=cv2.INTER_CUBIC)).all()
-    # a 1-px checkerboard (text-like detail at Nyquist) shrunk 3x must average to gray,
-    # where a plain cubic kernel aliases it into a strong pattern
-    board = ((np.indices((240, 240)).sum(0) % 2) * 255).astype(np.uint8)
-    board = np.repeat(board[:, :, None], 3, axis=2)
-    out = resize_rgb(board, (80, 80))
-    assert out.std() < 10 and abs(out.mean() - 127.5) < 5
-    assert cv2.resize(board, (80, 80), interpolation=cv2.INTER_CUBIC).std() > 30
-    assert resize_rgb(board, (240, 240)) is board
+    # up to 1.15x shrink and enlarging: plain bicubic
+    for size in ((110, 83), (200, 150)):
+        assert (resize_rgb(rgb, size) == cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC)).all()
+    # more than 2x: pixel-area averaging
+    assert (
+        resize_rgb(rgb, (50, 40)) == cv2.resize(rgb, (50, 40), interpolation=cv2.INTER_AREA)
+    ).all()
+    # antialias=False is plain cubic up to 2x
+    plain = cv2.resize(rgb, (70, 52), interpolation=cv2.INTER_CUBIC)
+    assert (resize_rgb(rgb, (70, 52), antialias=False) == plain).all()
+    assert resize_rgb(rgb, (120, 90)) is rgb
+
+
+@pytest.mark.parametrize("shrink", [1.5, 1.9, 2.5, 3.0])
+def test_resize_suppresses_aliasing(shrink):
+    """A grating above the output's Nyquist frequency must be (mostly) removed, not folded
+    into a strong false pattern -- as a plain 4-tap cubic does."""
+    src = grating(600, 8, period=2.3)  # 0.43 cycles/px: beyond Nyquist after any >1.2x shrink
+    size = (round(600 / shrink), 8)
+    ours = resize_rgb(src, size)[:, 4:-4]
+    plain = cv2.resize(src, size, interpolation=cv2.INTER_CUBIC)[:, 4:-4]
+    pil = np.asarray(Image.fromarray(src).resize(size, Image.Resampling.BICUBIC))[:, 4:-4]
+    assert plain.std() > 60  # the aliasing this rule exists for
+    if shrink <= 2:  # antialiased bicubic: about as clean as PIL's
+        assert ours.std() < max(12.0, 1.5 * pil.std())
+    else:  # area averaging: far less aliasing than cubic (not as clean as PIL's)
+        assert ours.std() < 0.4 * plain.std()
+
+
+def test_resize_close_to_pil_bicubic_on_text():
+    shot = make_screenshot(600, 400, 21)
+    for size in ((400, 267), (330, 220)):  # 1.5x and 1.8x shrink
+        pil = np.asarray(Image.fromarray(shot).resize(size, Image.Resampling.BICUBIC))
+        plain = cv2.resize(shot, size, interpolation=cv2.INTER_CUBIC)
+        ours = resize_rgb(shot, size)
+        assert psnr(ours, pil) > 33 and psnr(ours, pil) > psnr(plain, pil) + 4
 
 
 def test_resize_and_encode_reject_bad_arrays():
@@ -422,7 +466,11 @@ def test_jpeg_is_444_and_honours_quality():
 
 def test_extension_for():
     assert [extension_for(f) for f in ("jpeg", "JPEG", "jpg", "png", "webp")] == [
-        "jpg", "jpg", "jpg", "png", "webp"
+        "jpg",
+        "jpg",
+        "jpg",
+        "png",
+        "webp",
     ]
     with pytest.raises(ValueError):
         extension_for("bmp")
@@ -479,10 +527,30 @@ def test_truncated_jpeg(tmp_path):
                 assert err.reason == "truncated image"
     path.write_bytes(data[:300])  # cut inside the header segments
     assert reason_of(load, path).reason == "truncated image"
+    prog = io.BytesIO()
+    save_jpeg(prog, make_photo(320, 240, 12), progressive=True)
+    path.write_bytes(prog.getvalue()[: len(prog.getvalue()) // 2])
+    assert reason_of(load, path, (80, 60)).reason == "truncated image"
 
 
-@pytest.mark.parametrize(("fmt", "ext"), [("PNG", "png"), ("GIF", "gif"), ("BMP", "bmp"),
-                                          ("TIFF", "tif"), ("WEBP", "webp")])
+def test_pil_fallback_matches_opencv_path(tmp_path, monkeypatch):
+    """When OpenCV cannot decode (other builds, odd files), PIL's draft path gives the same
+    size and nearly the same pixels, orientation included."""
+    path = save_jpeg(tmp_path / "f.jpg", make_photo(200, 120, 18), 92, exif_orientation=8)
+    data = read_image_bytes(path)
+    header = probe_image(data)
+    fast = [decode_rgb(data, header, m) for m in ((120, 200), (50, 90), (1, 1))]
+    monkeypatch.setattr(imaging, "_cv2_decode", lambda data, k: None)
+    slow = [decode_rgb(data, header, m) for m in ((120, 200), (50, 90), (1, 1))]
+    for a, b in zip(fast, slow, strict=True):
+        assert a.shape == b.shape and psnr(a, b) > 40
+    assert [a.shape[:2] for a in slow] == [(200, 120), (100, 60), (25, 15)]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ext"),
+    [("PNG", "png"), ("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tif"), ("WEBP", "webp")],
+)
 def test_truncated_other_formats(tmp_path, fmt, ext):
     rgb = make_photo(200, 150, 14)
     buf = io.BytesIO()
@@ -561,3 +629,10 @@ def test_light_import_and_single_cv2_thread():
         "assert cv2.getNumThreads() == 1, cv2.getNumThreads()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_imagegen_is_seeded():
+    for gen in (make_photo, make_screenshot):
+        a, b = gen(64, 40, 3), gen(64, 40, 3)
+        assert a.shape == (40, 64, 3) and a.dtype == np.uint8 and (a == b).all()
+        assert (a != gen(64, 40, 4)).any()

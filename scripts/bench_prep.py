@@ -1,0 +1,223 @@
+"""Benchmark: mvprep's decode-once path against the naive per-image path, on one core.
+
+Builds a set of 12-megapixel phone-style JPEGs (and a set of PNG screenshots), then times,
+in one run:
+
+(a) the naive path the official fine-tuning code takes per image: PIL open, EXIF transpose,
+    convert to RGB, bicubic resize from the full decode to the source size and to the
+    refine size, JPEG q95 encode of both;
+(b) ``mvprep build --workers 1`` on the same images, as a subprocess. Its CPU time is the
+    children's rusage; the fixed start-up cost (interpreter, imports, pool) is measured with
+    a text-only build of the same record count and subtracted.
+
+Both are CPU seconds (``time.process_time`` / rusage user+sys), not wall time: this machine
+is shared and noisy. Prints images/s of both, the ratio, and the PSNR of each path's stored
+refine images against a full-decode Lanczos reference.
+
+    python scripts/bench_prep.py [--jpegs 8] [--pngs 4] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from imagegen import make_photo, make_screenshot, save_image, save_jpeg  # noqa: E402
+
+from mvshards.layout import compute_layout, max_slice_nums_for_res  # noqa: E402
+from mvshards.profiles import get_profile  # noqa: E402
+from mvshards.schema import SampleMeta  # noqa: E402
+from mvshards.tario import iter_shard  # noqa: E402
+
+PROFILE = get_profile("minicpmv-4.6")
+MAX_SLICES = max_slice_nums_for_res(1344)
+
+
+def make_sets(root: Path, jpegs: int, pngs: int) -> dict[str, list[str]]:
+    """Write the image sets and one data file per set; return relative paths per set."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    sets: dict[str, list[str]] = {"jpeg": [], "png": []}
+    for i in range(jpegs):
+        name = f"img/phone_{i:02d}.jpg"
+        w, h = (4032, 3024) if i % 2 == 0 else (3024, 4032)
+        save_jpeg(
+            root / name,
+            make_photo(w, h, seed=i),
+            quality=92,
+            exif_orientation=6 if i % 3 == 0 else None,
+        )
+        sets["jpeg"].append(name)
+    for i in range(pngs):
+        name = f"img/screen_{i:02d}.png"
+        save_image(root / name, make_screenshot(2560, 1440, seed=100 + i), "PNG")
+        sets["png"].append(name)
+    for set_name, paths in sets.items():
+        records = [
+            {
+                "id": f"{set_name}-{i}",
+                "image": path,
+                "conversations": [
+                    {"role": "user", "content": "<image>\nDescribe the picture."},
+                    {"role": "assistant", "content": "A picture."},
+                ],
+            }
+            for i, path in enumerate(paths)
+        ]
+        (root / f"{set_name}.json").write_text(json.dumps(records))
+        text_only = [{k: v for k, v in r.items() if k != "image"} for r in records]
+        for r in text_only:
+            r["conversations"] = [
+                {"role": "user", "content": "Describe the picture."},
+                {"role": "assistant", "content": "A picture."},
+            ]
+        (root / f"{set_name}_startup.json").write_text(json.dumps(text_only))
+    return sets
+
+
+def naive_path(path: Path) -> tuple[bytes | None, bytes]:
+    """What the official fine-tuning code does per image, plus the encode a cache needs."""
+    image = Image.open(path)
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    layout = compute_layout(image.width, image.height, PROFILE, MAX_SLICES)
+    source = image.resize(layout.source_size, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    source.save(out, "JPEG", quality=95)
+    refine_bytes = None
+    if layout.refine_size is not None:
+        refine = image.resize(layout.refine_size, Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        refine.save(buf, "JPEG", quality=95)
+        refine_bytes = buf.getvalue()
+    return refine_bytes, out.getvalue()
+
+
+def reference_refine(path: Path) -> np.ndarray | None:
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    layout = compute_layout(image.width, image.height, PROFILE, MAX_SLICES)
+    if layout.refine_size is None:
+        return None
+    return np.asarray(image.resize(layout.refine_size, Image.Resampling.LANCZOS))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_build(data: Path, out: Path) -> float:
+    """CPU seconds of one ``mvprep build --workers 1`` subprocess (and its worker)."""
+    before = children_cpu()
+    cmd = [sys.executable, "-m", "mvprep.cli", "build", str(data), "--out", str(out)]
+    cmd += ["--workers", "1", "--no-progress", "--max-res", "1344"]
+    subprocess.run(
+        cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    return children_cpu() - before
+
+
+def bench_set(root: Path, set_name: str, paths: list[str]) -> dict[str, float]:
+    files = [root / p for p in paths]
+    refs = [reference_refine(f) for f in files]
+
+    start = time.process_time()
+    naive = [naive_path(f) for f in files]
+    naive_cpu = time.process_time() - start
+
+    startup_cpu = run_build(root / f"{set_name}_startup.json", root / f"out_{set_name}_startup")
+    build_cpu = run_build(root / f"{set_name}.json", root / f"out_{set_name}")
+    ours_cpu = max(build_cpu - startup_cpu, 1e-9)
+
+    ours_refine: dict[int, np.ndarray] = {}
+    for shard in sorted((root / f"out_{set_name}").glob("*.tar")):
+        for _key, members in iter_shard(shard):
+            meta = SampleMeta.from_json(json.loads(members["json"]))
+            image = meta.images[0]
+            if image.refine_member is not None:
+                ext = image.refine_member.split(".", 1)[1]
+                ours_refine[int(meta.key)] = np.asarray(
+                    Image.open(io.BytesIO(members[ext])).convert("RGB")
+                )
+
+    naive_psnr, ours_psnr = [], []
+    for i, ref in enumerate(refs):
+        if ref is None:
+            continue
+        refine_bytes = naive[i][0]
+        assert refine_bytes is not None
+        naive_psnr.append(
+            psnr(np.asarray(Image.open(io.BytesIO(refine_bytes)).convert("RGB")), ref)
+        )
+        ours_psnr.append(psnr(ours_refine[i], ref))
+    n = len(files)
+    return {
+        "images": n,
+        "naive_ms": 1000 * naive_cpu / n,
+        "ours_ms": 1000 * ours_cpu / n,
+        "ours_ms_with_startup": 1000 * build_cpu / n,
+        "startup_s": startup_cpu,
+        "ratio": naive_cpu / ours_cpu,
+        "naive_psnr": float(np.mean(naive_psnr)) if naive_psnr else float("nan"),
+        "ours_psnr": float(np.mean(ours_psnr)) if ours_psnr else float("nan"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jpegs", type=int, default=8)
+    parser.add_argument("--pngs", type=int, default=4)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.workdir or Path(tmp)
+        print(f"generating {args.jpegs} 12 MP JPEGs and {args.pngs} PNG screenshots in {root} ...")
+        sets = make_sets(root, args.jpegs, args.pngs)
+        rows = {name: bench_set(root, name, paths) for name, paths in sets.items() if paths}
+    header = (
+        f"{'set':<6}{'images':>7}{'naive ms/img':>14}{'mvprep ms/img':>15}{'ratio':>7}"
+        f"{'naive img/s':>12}{'mvprep img/s':>13}{'PSNR naive':>11}{'PSNR mvprep':>12}"
+    )
+    print("CPU time per image on one core (start-up excluded; mvprep start-up shown below)")
+    print(header)
+    print("-" * len(header))
+    for name, r in rows.items():
+        print(
+            f"{name:<6}{r['images']:>7}{r['naive_ms']:>14.1f}{r['ours_ms']:>15.1f}{r['ratio']:>6.2f}x"
+            f"{1000 / r['naive_ms']:>12.2f}{1000 / r['ours_ms']:>13.2f}"
+            f"{r['naive_psnr']:>10.2f}dB{r['ours_psnr']:>10.2f}dB"
+        )
+    for name, r in rows.items():
+        print(
+            f"{name}: mvprep start-up {r['startup_s']:.2f} CPU s per build; "
+            f"with start-up {r['ours_ms_with_startup']:.1f} ms/img"
+        )
+    print("PSNR: stored refine image vs full-decode Lanczos resize of the original")
+
+
+if __name__ == "__main__":
+    main()
