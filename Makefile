@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,train]'
 	touch $(STAMP)
 
 demo: install
@@ -23,6 +23,9 @@ demo: install
 	$(VENV)/bin/mvprep build $(DEMO)/data/demo.json --out $(DEMO)/shards --max-res 1344 \
 		--workers 2 --samples-per-shard 16
 	$(VENV)/bin/mvprep verify $(DEMO)/shards
+	OMP_NUM_THREADS=1 $(VENV)/bin/mvtrain run --shards $(DEMO)/shards --model tiny \
+		--output $(DEMO)/run --max-steps 4 --lr 1e-3 --token-budget 4096 --patch-budget 16384 \
+		--batch-log $(DEMO)/run/batches.jsonl --nproc-per-node 2
 
 lint: install
 	$(VENV)/bin/ruff check .

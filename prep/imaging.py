@@ -53,6 +53,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mvprep.image_modes import (
     AA_MIN_SHRINK,
+    JPEG_SUBSAMPLINGS,
     ORIENTATION_TAG,
     configure_cv2,
     encode_image,
@@ -61,6 +62,7 @@ from mvprep.image_modes import (
     orient,
     pil_to_rgb,
     png_is_complete,
+    resize_oriented,
     resize_rgb,
     sniff_format,
     stored_size,
@@ -73,11 +75,15 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "ImageError",
     "ImageHeader",
+    "JPEG_SUBSAMPLINGS",
     "decode_rgb",
+    "decode_stored",
     "encode_image",
     "extension_for",
+    "output_subsampling",
     "probe_image",
     "read_image_bytes",
+    "resize_oriented",
     "resize_rgb",
 ]
 
@@ -108,7 +114,7 @@ _JPEG_FORMATS = ("JPEG", "MPO")
 _CV2_SCALE_FLAGS = {1: 0, 2: 16, 4: 32, 8: 64}  # IMREAD_REDUCED_* without the colour bit
 # OpenCV >= 4.11 can decode straight to RGB; older builds decode BGR and we swap.
 _CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-_CV2_BASE_FLAGS = (_CV2_RGB or cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+_CV2_RGB_FLAG = _CV2_RGB or cv2.IMREAD_COLOR
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
@@ -134,6 +140,10 @@ class ImageHeader:
     format: str  # PIL format name, e.g. "JPEG"
     mode: str  # PIL mode as stored, e.g. "RGB", "CMYK", "I;16"
     orientation: int  # EXIF orientation tag value 1-8, 1 when absent or invalid
+    subsampling: str | None = None
+    """Chroma subsampling of a 3-component (YCbCr) JPEG as stored, a key of
+    ``JPEG_SUBSAMPLINGS`` ("4:2:0" for most phone photos); None for every other image
+    (lossless formats, gray or CMYK JPEGs, unusual sampling factors)."""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -276,7 +286,45 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "
             f"{max_pixels} ({max_pixels / 1e6:g} MP); raise --max-pixels if it is genuine",
         )
     orientation = _orientation(im)
-    return ImageHeader(stored_size((w, h), orientation), fmt, im.mode, orientation)
+    return ImageHeader(
+        stored_size((w, h), orientation), fmt, im.mode, orientation, _jpeg_subsampling(im)
+    )
+
+
+_SAMPLING_NAMES = {
+    (1, 1): "4:4:4",
+    (2, 1): "4:2:2",
+    (2, 2): "4:2:0",
+    (1, 2): "4:4:0",
+    (4, 1): "4:1:1",
+}
+
+
+def _jpeg_subsampling(im: Image.Image) -> str | None:
+    """Chroma subsampling of a YCbCr JPEG from its frame header (``im.layer``: per component
+    id, h, v, table); None for other layouts."""
+    layer = getattr(im, "layer", None)
+    if im.format not in _JPEG_FORMATS or im.mode != "RGB" or not layer or len(layer) != 3:
+        return None
+    (_, h0, v0, _), (_, h1, v1, _), (_, h2, v2, _) = layer
+    if (h1, v1) != (h2, v2) or h0 % h1 or v0 % v1:
+        return None
+    return _SAMPLING_NAMES.get((h0 // h1, v0 // v1))
+
+
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def output_subsampling(header: ImageHeader) -> str:
+    """JPEG chroma subsampling for the images made from this one: the input's own for a
+    colour JPEG that subsamples its chroma (the outputs keep the chroma-to-luma resolution
+    the camera chose; measured on 12 MP phone photos: ~30% fewer bytes and ~3 ms less CPU
+    per image, ~2 dB lower RGB PSNR than a 4:4:4 store of the downscaled image); 4:2:0 for
+    gray inputs (their chroma is flat, so nothing is lost); 4:4:4 for everything else
+    (PNG screenshots, 4:4:4 JPEGs, palette art: colour edges stay sharp)."""
+    if header.subsampling is not None:
+        return header.subsampling
+    return "4:2:0" if header.mode in _GRAY_MODES else "4:4:4"
 
 
 def _reduction(header: ImageHeader, min_size: tuple[int, int]) -> int:
@@ -292,15 +340,18 @@ def _reduction(header: ImageHeader, min_size: tuple[int, int]) -> int:
     return 1
 
 
-def _cv2_decode(data: bytes, k: int) -> np.ndarray | None:
-    """OpenCV decode at scale 1/k, RGB, orientation NOT applied; None when OpenCV fails."""
+def _cv2_decode(data: bytes, k: int, bgr: bool) -> np.ndarray | None:
+    """OpenCV decode at scale 1/k, RGB (BGR when ``bgr``), orientation NOT applied; None when
+    OpenCV fails."""
+    flags = _CV2_SCALE_FLAGS[k] | cv2.IMREAD_IGNORE_ORIENTATION
+    flags |= cv2.IMREAD_COLOR if bgr else _CV2_RGB_FLAG
     try:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_SCALE_FLAGS[k] | _CV2_BASE_FLAGS)
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error:
         return None
     if arr is None or arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         return None
-    return arr if _CV2_RGB else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return arr if bgr or _CV2_RGB else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def _png_fast_ok(data: bytes, header: ImageHeader) -> bool:
@@ -339,6 +390,51 @@ def _pil_decode(data: bytes, header: ImageHeader, k: int, name: str) -> tuple[np
         ) from exc
 
 
+def decode_stored(
+    data: bytes,
+    header: ImageHeader,
+    min_size: tuple[int, int],
+    name: str = "",
+    *,
+    bgr: bool = False,
+) -> tuple[np.ndarray, int]:
+    """Decode ``data`` (probed as ``header``) to HxWx3 uint8 pixels in STORED orientation.
+
+    Returns ``(pixels, orientation)``: RGB pixels (B, G, R when ``bgr``: what OpenCV's
+    encoders take, no channel swap) and the EXIF orientation still to apply to them (1 when
+    the decoder already applied it). Applying it after resizing the pixels to the stored
+    orientation's size (``mvprep.image_modes.resize_oriented``) gives the same image as
+    orienting first, at a fraction of the cost for a 12 MP photo. Decode scale and errors as
+    :func:`decode_rgb`.
+    """
+    configure_cv2()
+    k = _reduction(header, min_size)
+    arr = None
+    if header.format in _JPEG_FORMATS and header.mode in ("RGB", "L"):
+        if jpeg_is_complete(data):  # else PIL decides: it raises on truncation
+            arr = _cv2_decode(data, k, bgr)
+    elif _png_fast_ok(data, header):
+        arr = _cv2_decode(data, 1, bgr)
+    sw, sh = stored_size(header.size, header.orientation)
+    orientation = header.orientation
+    if arr is None or arr.shape[:2] != (-(-sh // k), -(-sw // k)):
+        arr, oriented = _pil_decode(data, header, k, name)
+        if oriented:
+            sw, sh = header.size
+            orientation = 1
+        if bgr:
+            arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR, dst=arr)
+    dh, dw = arr.shape[:2]
+    scale = next((s for s in (1, 2, 4, 8) if (dw, dh) == (-(-sw // s), -(-sh // s))), None)
+    if scale is None:
+        raise ImageError(
+            "truncated image",
+            f"{_prefix(name)}decoded {dw}x{dh} pixels but the header says {sw}x{sh}; "
+            "the file is inconsistent, re-export it",
+        )
+    return arr, orientation
+
+
 def decode_rgb(
     data: bytes, header: ImageHeader, min_size: tuple[int, int], name: str = ""
 ) -> np.ndarray:
@@ -350,26 +446,5 @@ def decode_rgb(
     scale 1/k. Raises ImageError "truncated image" for cut or corrupt data, "unsupported
     format" for pixels that have no RGB conversion or HEIC without pillow-heif.
     """
-    configure_cv2()
-    k = _reduction(header, min_size)
-    arr = None
-    if header.format in _JPEG_FORMATS and header.mode in ("RGB", "L"):
-        if jpeg_is_complete(data):  # else PIL decides: it raises on truncation
-            arr = _cv2_decode(data, k)
-    elif _png_fast_ok(data, header):
-        arr = _cv2_decode(data, 1)
-    sw, sh = stored_size(header.size, header.orientation)
-    oriented = False
-    if arr is None or arr.shape[:2] != (-(-sh // k), -(-sw // k)):
-        arr, oriented = _pil_decode(data, header, k, name)
-        if oriented:
-            sw, sh = header.size
-    dh, dw = arr.shape[:2]
-    scale = next((s for s in (1, 2, 4, 8) if (dw, dh) == (-(-sw // s), -(-sh // s))), None)
-    if scale is None:
-        raise ImageError(
-            "truncated image",
-            f"{_prefix(name)}decoded {dw}x{dh} pixels but the header says {sw}x{sh}; "
-            "the file is inconsistent, re-export it",
-        )
-    return arr if oriented else orient(arr, header.orientation)
+    arr, orientation = decode_stored(data, header, min_size, name)
+    return orient(arr, orientation)

@@ -14,16 +14,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mvprep.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     ImageHeader,
-    decode_rgb,
+    decode_stored,
     encode_image,
     extension_for,
+    output_subsampling,
     probe_image,
     read_image_bytes,
-    resize_rgb,
+    resize_oriented,
 )
 from mvprep.options import BuildOptions
 from mvprep.records import Record, resolve_image_path
@@ -56,6 +59,7 @@ class _ProbedImage:
     name: str
     path: str
     data: bytes
+    sha256: str  # hex digest of ``data``, taken right after the read (bytes still in cache)
     header: ImageHeader
     layout: SliceLayout
 
@@ -69,6 +73,19 @@ def _naming(path: str) -> Iterator[None]:
         if path in str(exc):
             raise
         raise ImageError(exc.reason, f"{path}: {exc}") from exc
+
+
+def _render(
+    bgr: np.ndarray,
+    orientation: int,
+    size: tuple[int, int],
+    options: BuildOptions,
+    subsampling: str,
+) -> bytes:
+    """One stored image: a single resize of the decoded B-G-R pixels (stored orientation) to
+    ``size`` after orientation, the EXIF orientation applied to the small result, encoded."""
+    out = resize_oriented(bgr, size, orientation)
+    return encode_image(out, options.image_format, options.quality, subsampling, bgr=True)
 
 
 def build_sample(
@@ -94,9 +111,10 @@ def build_sample(
         file_path = resolve_image_path(root, path, options.allow_outside_root)
         with _naming(path):
             data = read_image_bytes(file_path)
+            digest = hashlib.sha256(data).hexdigest()
             header = probe_image(data, max_pixels=max_pixels, name=path)
         layout = compute_layout(header.size[0], header.size[1], profile, max_slices)
-        probed.append(_ProbedImage(name, path, data, header, layout))
+        probed.append(_ProbedImage(name, path, data, digest, header, layout))
 
     image_ids = assign_image_ids([p.layout for p in probed], options.resolved_image_id_form)
     image_tokens = [
@@ -125,21 +143,22 @@ def build_sample(
                 max(min_size[1], layout.refine_size[1]),
             )
         with _naming(p.path):
-            rgb = decode_rgb(p.data, p.header, min_size, name=p.path)
+            # stored orientation, B-G-R: each output is resized from the decoded image, then
+            # rotated (cheaper than rotating the big decode), then encoded without a swap
+            pixels, orientation = decode_stored(p.data, p.header, min_size, p.path, bgr=True)
+        subsampling = output_subsampling(p.header)
         src_name = source_member(key, i, ext)
-        members[src_name] = encode_image(
-            resize_rgb(rgb, layout.source_size), options.image_format, options.quality
-        )
+        members[src_name] = _render(pixels, orientation, layout.source_size, options, subsampling)
         ref_name = None
         if layout.refine_size is not None:
             ref_name = refine_member(key, i, ext)
-            members[ref_name] = encode_image(
-                resize_rgb(rgb, layout.refine_size), options.image_format, options.quality
+            members[ref_name] = _render(
+                pixels, orientation, layout.refine_size, options, subsampling
             )
         entries.append(
             ImageEntry(
                 path=p.path,
-                sha256=hashlib.sha256(p.data).hexdigest(),
+                sha256=p.sha256,
                 layout=layout,
                 image_id=image_id,
                 num_image_tokens=tokens,

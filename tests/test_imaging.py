@@ -540,7 +540,7 @@ def test_pil_fallback_matches_opencv_path(tmp_path, monkeypatch):
     data = read_image_bytes(path)
     header = probe_image(data)
     fast = [decode_rgb(data, header, m) for m in ((120, 200), (50, 90), (1, 1))]
-    monkeypatch.setattr(imaging, "_cv2_decode", lambda data, k: None)
+    monkeypatch.setattr(imaging, "_cv2_decode", lambda data, k, bgr: None)
     slow = [decode_rgb(data, header, m) for m in ((120, 200), (50, 90), (1, 1))]
     for a, b in zip(fast, slow, strict=True):
         assert a.shape == b.shape and psnr(a, b) > 40

@@ -1,17 +1,152 @@
-"""``mvtrain``: the training stage's command line (not built yet)."""
+"""``mvtrain``: the training stage's command line. Options are parsed here; the work is done
+by :func:`mvtrain.loop.run` (a notebook can call it with a :class:`RunConfig`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+import click
+
+from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET
 
 
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    print(
-        "mvtrain is not built yet: the training stage lands with the training-stage issue. "
-        "Build shards with `mvprep build` meanwhile.",
-        file=sys.stderr,
+    """Train MiniCPM-V on mvkit shards under token and patch budgets."""
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    from mvtrain.distributed import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "mvtrain.cli",
+        *argv,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc-per-node":
+            skip = True
+            continue
+        if arg.startswith("--nproc-per-node="):
+            continue
+        out.append(arg)
+    return out
+
+
+@main.command("run")
+@click.option(
+    "--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+)
+@click.option("--model", required=True, help="'tiny' or a local model folder.")
+@click.option("--output", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--token-budget",
+    type=int,
+    default=DEFAULT_TOKEN_BUDGET,
+    show_default=True,
+    help="Max padded tokens (batch_size x max_len) per micro-batch.",
+)
+@click.option(
+    "--patch-budget",
+    type=int,
+    default=DEFAULT_PATCH_BUDGET,
+    show_default=True,
+    help="Max padded vision patches per micro-batch.",
+)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None)
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--zero", "zero_stage", type=int, default=2, show_default=True)
+@click.option(
+    "--deepspeed-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON whose keys override the generated DeepSpeed config.",
+)
+@click.option(
+    "--engine", type=click.Choice(["auto", "deepspeed", "torch"]), default="auto", show_default=True
+)
+@click.option("--lora", is_flag=True)
+@click.option("--lora-rank", type=int, default=8, show_default=True)
+@click.option("--freeze-vision", is_flag=True)
+@click.option("--grad-ckpt", is_flag=True)
+@click.option("--bf16", is_flag=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-log", type=click.Path(path_type=Path), default=None)
+@click.option("--save-every", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option("--dry-run", is_flag=True, help="The data path only: stream, tokenize, bucket, log.")
+@click.option("--trust-remote-code", is_flag=True, help="Needed for the 2.6 family.")
+@click.option("--loader-workers", type=int, default=0, show_default=True)
+@click.option("--nproc-per-node", type=int, default=None, help="Launch this many processes here.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--no-export", is_flag=True, help="Skip the Hugging Face export at the end.")
+def run_command(
+    nproc_per_node: int | None, engine: str, no_progress: bool, no_export: bool, **options: object
+) -> None:
+    """Train (or --dry-run the data path) on SHARDS."""
+    if nproc_per_node and "RANK" not in os.environ:
+        sys.exit(_launch(nproc_per_node, _strip_nproc(sys.argv[1:])))
+    from mvtrain.loop import run
+    from mvtrain.run_config import RunConfig
+
+    config = RunConfig(
+        use_deepspeed=None if engine == "auto" else engine == "deepspeed",
+        progress=not no_progress,
+        export=not no_export,
+        **options,  # type: ignore[arg-type]
     )
-    sys.exit(2)
+    try:
+        result = run(config)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if os.environ.get("RANK", "0") == "0":
+        eff = result.efficiency
+        last = result.losses[max(result.losses)] if result.losses else None
+        first = result.losses[min(result.losses)] if result.losses else None
+        rows = [
+            ("steps", f"{result.steps_done}"),
+            (
+                "loss first / last",
+                f"{first:.4f} / {last:.4f}" if last is not None else "- (dry run)",
+            ),
+            ("token efficiency", f"{eff.get('token_efficiency', 0):.3f}"),
+            ("patch efficiency", f"{eff.get('patch_efficiency', 0):.3f}"),
+            ("token budget use", f"{eff.get('token_budget_utilisation', 0):.3f}"),
+            ("patch budget use", f"{eff.get('patch_budget_utilisation', 0):.3f}"),
+            ("over-budget samples skipped", f"{result.oversize}"),
+            ("length mismatches vs index", f"{result.length_mismatches}"),
+            ("output", str(result.output)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        click.echo("-" * (width + 30))
+        for k, v in rows:
+            click.echo(f"{k.ljust(width)}  {v}")
+        click.echo("-" * (width + 30))
 
 
 if __name__ == "__main__":

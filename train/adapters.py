@@ -1,0 +1,325 @@
+"""Per-family batches: what each model's ``forward`` takes, and what a batch costs padded.
+
+* :class:`Native46Adapter` -- transformers' ``MiniCPMV4_6ForConditionalGeneration`` (and 4.7):
+  ``input_ids``/``attention_mask``/``labels`` ``[B, L]`` right-padded, and all (sub)images of
+  the batch NaViT-packed into one ``pixel_values`` ``[1, 3, 14, sum(L_i * 14)]`` with
+  ``target_sizes`` ``int32 [N, 2]`` (no pixel padding at all). Labels are unshifted; the
+  loss shifts.
+* :class:`Remote26Adapter` -- the 2.6 family's remote code (``MiniCPMV.forward(data=...)``),
+  in the layout of the official ``finetune/dataset.py`` ``data_collator``: per-sample lists
+  of ``[3, 14, L*14]`` patch tensors, ``tgt_sizes`` and ``image_bound`` (``[]`` for a
+  sample without images), ``position_ids``, a bool ``attention_mask``, and labels
+  *pre-shifted* (``labels[i]`` is the target of the logits at ``i``). The model pads every
+  (sub)image to the longest one in the batch.
+
+Costs (:meth:`padded_cost`), from metadata alone (no pixels): tokens ``B * max_len`` for
+both; patches ``sum(num_patches)`` (4.6) or ``subimages * max_patches_per_subimage`` (2.6).
+
+Vision every step: a rank whose micro-batch has no image must still run the vision tower, or
+ZeRO-2's gradient reduce fails ("Received data size doesn't match expected size").
+:meth:`Native46Adapter.forward_loss` then runs :meth:`~Native46Adapter.vision_forward` on
+:meth:`~Native46Adapter.dummy_vision_inputs` and adds ``0 * features.sum()`` to the loss
+(zero gradients, unchanged loss). The 2.6 remote code does the same by itself in training
+mode (a 224x224 zero image, ``* 0``).
+
+Loss: :func:`token_loss_sum` returns the *sum* of token losses and the label count; the loop
+divides by the global label count of the accumulation window over all ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mvshards.profiles import PROFILES, get_profile
+from mvshards.schema import SampleMeta
+from mvtrain.pixels import PATCH_SIZE, sample_pixels
+from mvtrain.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_sample
+
+
+@dataclass
+class LoadedSample:
+    """One sample ready to collate: its metadata, tokens and pixels."""
+
+    meta: SampleMeta
+    tokenized: TokenizedSample
+    pixel_values: list[torch.Tensor]
+    """Per (sub)image, in vision order: ``[3, 14, H*W/14]`` float32."""
+    tgt_sizes: list[tuple[int, int]]
+    """Per (sub)image: patch grid ``(H/14, W/14)``."""
+
+
+def load_sample(
+    meta: SampleMeta, members: Mapping[str, bytes], tokenizer: Any, profile_name: str
+) -> LoadedSample:
+    """Tokenize ``meta`` and decode its images from ``members`` (``{ext: bytes}``)."""
+    family = get_profile(profile_name).family
+    tokenized = tokenize_sample(meta, tokenizer, profile_name)
+    pixel_values, tgt_sizes = sample_pixels(meta, members, family)
+    return LoadedSample(meta, tokenized, pixel_values, tgt_sizes)
+
+
+@dataclass(frozen=True)
+class CostItem:
+    """What the padded cost of a sample depends on."""
+
+    num_tokens: int
+    num_patches: int
+    num_subimages: int | None = None
+    """Sources plus slices of all images; None when unknown (an index row)."""
+    max_subimage_patches: int | None = None
+    """Patches of the largest (sub)image (rows*cols of its tgt_size); None when unknown."""
+
+
+def cost_item(x: Any) -> CostItem:
+    """A :class:`CostItem` from a CostItem, LoadedSample, SampleMeta or index row.
+
+    Index rows (``[key, num_tokens, num_patches, num_images]``) carry no per-(sub)image
+    sizes, so they serve the 4.6 cost only.
+    """
+    if isinstance(x, CostItem):
+        return x
+    if isinstance(x, LoadedSample):
+        grids = x.tgt_sizes
+        return CostItem(
+            len(x.tokenized),
+            sum(r * c for r, c in grids),
+            len(grids),
+            max((r * c for r, c in grids), default=0),
+        )
+    if isinstance(x, SampleMeta):
+        grids = [t for image in x.images for t in image.layout.tgt_sizes]
+        return CostItem(
+            x.num_tokens, x.num_patches, len(grids), max((r * c for r, c in grids), default=0)
+        )
+    if isinstance(x, Sequence) and len(x) == 4 and isinstance(x[0], str):
+        return CostItem(int(x[1]), int(x[2]))
+    raise TypeError(f"cannot take a cost from {type(x).__name__}")
+
+
+def token_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, pre_shifted: bool = False
+) -> tuple[torch.Tensor, int]:
+    """``(sum of token cross-entropies, number of label tokens)`` in float32.
+
+    ``pre_shifted=False`` (native): ``labels`` align with ``input_ids`` and logits at ``i``
+    predict label ``i+1``. ``pre_shifted=True`` (2.6 family): ``labels[i]`` is already the
+    target of the logits at ``i``. ``-100`` marks no loss.
+    """
+    if not pre_shifted:
+        logits = logits[:, :-1, :]
+        labels = labels[:, 1:]
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1).long(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _unwrap(model: Any) -> Any:
+    """The underlying model of a DeepSpeed engine / DDP wrapper (PEFT forwards by itself)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _device(model: Any) -> torch.device:
+    return next(_unwrap(model).parameters()).device
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+class Native46Adapter:
+    """Batches for the native MiniCPM-V 4.6 / 4.7 classes."""
+
+    family = "4.6"
+    pre_shifted_labels = False
+
+    def __init__(self, pad_token_id: int, downsample_mode: str | None = None) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.downsample_mode = downsample_mode
+        """``"4x"`` for the 4x profile; None keeps the model config's (``"16x"``)."""
+
+    def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
+        """Model inputs plus ``labels``; ``pixel_values``/``target_sizes`` None without images."""
+        if not samples:
+            raise ValueError("cannot collate an empty micro-batch")
+        ids = [s.tokenized.input_ids for s in samples]
+        input_ids = _pad_rows(ids, self.pad_token_id)
+        attention_mask = _pad_rows([[1] * len(r) for r in ids], 0)
+        labels = _pad_rows([s.tokenized.labels for s in samples], IGNORE_INDEX)
+        patches = [p for s in samples for p in s.pixel_values]
+        grids = [g for s in samples for g in s.tgt_sizes]
+        pixel_values = torch.cat(patches, dim=-1).unsqueeze(0) if patches else None
+        target_sizes = torch.tensor(grids, dtype=torch.int32) if grids else None
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "target_sizes": target_sizes,
+        }
+
+    @staticmethod
+    def padded_cost(items: Sequence[Any]) -> tuple[int, int]:
+        """``(B * max_len, sum of patches)``: NaViT packing pads no pixels."""
+        costs = [cost_item(x) for x in items]
+        if not costs:
+            return 0, 0
+        return len(costs) * max(c.num_tokens for c in costs), sum(c.num_patches for c in costs)
+
+    @staticmethod
+    def label_count(batch: Mapping[str, Any]) -> int:
+        """Label tokens the loss of ``batch`` counts (labels from position 1 on)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    @staticmethod
+    def dummy_vision_inputs(
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest valid image: one 56x56 view, patch grid 4x4.
+
+        The vision tower needs grids divisible by the 2x2 window merger, then by the 2x2 MLP
+        merger ("16x"), so 4x4 is the minimum (1 LLM token; 4 in "4x").
+        """
+        side = 4
+        pixel_values = torch.zeros((1, 3, PATCH_SIZE, side * side * PATCH_SIZE), dtype=dtype)
+        target_sizes = torch.tensor([[side, side]], dtype=torch.int32)
+        return pixel_values.to(device), target_sizes.to(device)
+
+    def vision_forward(
+        self, model: Any, pixel_values: torch.Tensor, target_sizes: torch.Tensor
+    ) -> torch.Tensor:
+        """Vision tower + mergers only; the image features ``[tokens, hidden]`` concatenated."""
+        out = _unwrap(model).get_image_features(
+            pixel_values, target_sizes, downsample_mode=self.downsample_mode
+        )
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def forward_loss(self, model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        """Forward ``batch`` (already on the model's device); ``(loss sum, label count)``.
+
+        Without images in the batch, the vision tower still runs on the dummy image and its
+        features enter the loss times zero.
+        """
+        inputs: dict[str, Any] = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
+        if batch.get("pixel_values") is not None:
+            inputs["pixel_values"] = batch["pixel_values"]
+            inputs["target_sizes"] = batch["target_sizes"]
+        if self.downsample_mode is not None:
+            inputs["downsample_mode"] = self.downsample_mode
+        out = model(**inputs)
+        loss, count = token_loss_sum(out.logits, batch["labels"])
+        if batch.get("pixel_values") is None:
+            features = self.vision_forward(model, *self.dummy_vision_inputs(_device(model)))
+            loss = loss + 0.0 * features.sum()
+        return loss, count
+
+
+class Remote26Adapter:
+    """Batches for the 2.6 family (MiniCPM-V 2.6, MiniCPM-o 2.6, 4.0, 4.5; remote code)."""
+
+    family = "2.6"
+    pre_shifted_labels = True
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = int(pad_token_id)
+
+    def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
+        """The official ``data_collator`` layout, labels shifted left by one."""
+        if not samples:
+            raise ValueError("cannot collate an empty micro-batch")
+        ids = [s.tokenized.input_ids for s in samples]
+        shifted = [s.tokenized.labels[1:] + [IGNORE_INDEX] for s in samples]
+        tgt_sizes: list[Any] = []
+        image_bound: list[Any] = []
+        for s in samples:
+            if s.tgt_sizes:
+                tgt_sizes.append(torch.tensor(s.tgt_sizes, dtype=torch.int32))
+                image_bound.append(torch.tensor(s.tokenized.image_spans, dtype=torch.long))
+            else:
+                tgt_sizes.append([])
+                image_bound.append([])
+        return {
+            "input_ids": _pad_rows(ids, self.pad_token_id),
+            "position_ids": _pad_rows([list(range(len(r))) for r in ids], 0),
+            "attention_mask": _pad_rows([[1] * len(r) for r in ids], 0).bool(),
+            "labels": _pad_rows(shifted, IGNORE_INDEX),
+            "pixel_values": [list(s.pixel_values) for s in samples],
+            "tgt_sizes": tgt_sizes,
+            "image_bound": image_bound,
+        }
+
+    @staticmethod
+    def padded_cost(items: Sequence[Any]) -> tuple[int, int]:
+        """``(B * max_len, subimages * max patches per subimage)``: the model pads every
+        (sub)image of the batch to the longest."""
+        costs = [cost_item(x) for x in items]
+        if not costs:
+            return 0, 0
+        if any(c.num_subimages is None or c.max_subimage_patches is None for c in costs):
+            raise ValueError(
+                "the 2.6 patch cost needs per-(sub)image sizes (SampleMeta or CostItem); "
+                "index rows do not carry them"
+            )
+        subimages = sum(c.num_subimages or 0 for c in costs)
+        longest = max(c.max_subimage_patches or 0 for c in costs)
+        return len(costs) * max(c.num_tokens for c in costs), subimages * longest
+
+    @staticmethod
+    def label_count(batch: Mapping[str, Any]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def forward_loss(self, model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        """``model(data=batch)`` as the official trainer calls it; loss on pre-shifted labels.
+
+        The remote code runs its own zero-weighted dummy image for a batch without images.
+        """
+        data = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(data=data, use_cache=False)
+        return token_loss_sum(out.logits, batch["labels"], pre_shifted=True)
+
+
+Adapter = Native46Adapter | Remote26Adapter
+
+
+def adapter_for(family_or_profile: str, tokenizer: Any | None = None) -> Adapter:
+    """The adapter of a family (``"4.6"``/``"2.6"``) or profile (``"minicpmv-4.6-4x"``).
+
+    The pad id comes from ``tokenizer`` (pad, else eos, else 0).
+    """
+    pad = 0
+    if tokenizer is not None:
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if family_or_profile in PROFILES:
+        profile = get_profile(family_or_profile)
+        family = profile.family
+        downsample = "4x" if profile.patch_tokens_divisor == 4 else None
+    else:
+        family, downsample = family_or_profile, None
+    if family == "4.6":
+        return Native46Adapter(pad, downsample_mode=downsample)
+    if family == "2.6":
+        return Remote26Adapter(pad)
+    raise ValueError(
+        f"unknown model family or profile {family_or_profile!r}; expected '4.6', '2.6' or "
+        f"one of {sorted(PROFILES)}"
+    )

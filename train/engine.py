@@ -1,0 +1,278 @@
+"""Training engines: DeepSpeed ZeRO-2 (generated config, user JSON overrides) or plain torch.
+
+Both take a loss that is already normalised the way we want it -- the sum of token losses of
+a micro-batch divided by the label-token count of the whole accumulation window over ALL
+ranks -- so the gradients must be SUMMED over micro-batches and ranks, never averaged again:
+
+* DeepSpeed divides by the accumulation steps unless ``scale_wrt_gas=False``, and ZeRO
+  averages gradients over data-parallel ranks; the DeepSpeed engine multiplies the loss by
+  the world size so that average becomes the sum.
+* The plain engine accumulates and all-reduces with SUM itself.
+
+On machines without CUDA, DeepSpeed's CPU communication backend would JIT-compile a
+shared-memory op at start (minutes on a small machine) that ZeRO training never uses; we
+replace its builder with one that returns None before the process group starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mvtrain.distributed import DistInfo
+
+
+class Engine(Protocol):
+    module: nn.Module
+    name: str
+
+    def __call__(self, **kwargs: Any) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def save(self, folder: Path, tag: str) -> None: ...
+    def load(self, folder: Path, tag: str) -> None: ...
+    def current_lr(self) -> float: ...
+
+
+def deepspeed_available() -> bool:
+    try:
+        importlib.import_module("deepspeed")
+    except ImportError:
+        return False
+    return True
+
+
+def skip_cpu_shm_op_build() -> None:
+    """Stop DeepSpeed compiling its CPU shared-memory comm op when there is no CUDA."""
+    if torch.cuda.is_available():
+        return
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+
+
+def init_process_group(info: DistInfo, use_deepspeed: bool) -> None:
+    if dist.is_initialized():
+        return
+    if use_deepspeed:
+        import deepspeed
+
+        skip_cpu_shm_op_build()
+        deepspeed.init_distributed(dist_backend=info.backend)
+    elif info.world_size > 1:
+        dist.init_process_group(backend=info.backend)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def deepspeed_config(
+    grad_accum: int,
+    zero_stage: int = 2,
+    bf16: bool = False,
+    grad_clip: float = 1.0,
+    user_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The generated DeepSpeed config; keys of ``user_config`` override it (deep merge).
+
+    ``train_micro_batch_size_per_gpu`` is nominal: micro-batches vary in size under the
+    token and patch budgets, and DeepSpeed only uses it for throughput logging.
+    """
+    cuda = torch.cuda.is_available()
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {
+            "stage": zero_stage,
+            "contiguous_gradients": True,
+            "overlap_comm": cuda,
+            "reduce_scatter": True,
+            "reduce_bucket_size": 200_000_000,
+            "allgather_bucket_size": 200_000_000,
+        },
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(generated, user_config or {})
+
+
+def load_user_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--deepspeed-config {path}: cannot read it as JSON ({exc})") from exc
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch AdamW over trainable parameters (no compiled op: FusedAdam/CPUAdam would JIT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: check --lora / --freeze-vision")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO engine around a model and a torch optimizer."""
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        config: dict[str, Any],
+        info: DistInfo,
+    ) -> None:
+        import deepspeed
+
+        self.info = info
+        self.config = config
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.module = self._engine.module
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self._engine(**kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss * self.info.world_size, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self._engine.step()
+
+    def save(self, folder: Path, tag: str) -> None:
+        self._engine.save_checkpoint(str(folder), tag=tag)
+
+    def load(self, folder: Path, tag: str) -> None:
+        path, _ = self._engine.load_checkpoint(str(folder), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {folder}")
+
+    def current_lr(self) -> float:
+        return float(self._engine.get_lr()[0])
+
+
+class TorchEngine:
+    """Plain torch: gradient accumulation, SUM all-reduce over ranks, clipping, AdamW."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        grad_accum: int,
+        grad_clip: float,
+        info: DistInfo,
+    ) -> None:
+        self.module = model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.grad_accum, self.grad_clip, self.info = grad_accum, grad_clip, info
+        self._micro = 0
+        if info.world_size > 1:  # start from identical weights on every rank
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor.data, src=0)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.module(**kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.info.world_size > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, folder: Path, tag: str) -> None:
+        target = Path(folder) / tag
+        target.mkdir(parents=True, exist_ok=True)
+        if self.info.is_main:
+            state = {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "micro": self._micro,
+            }
+            tmp = target / "engine.pt.tmp"
+            torch.save(state, tmp)
+            tmp.replace(target / "engine.pt")
+
+    def load(self, folder: Path, tag: str) -> None:
+        state = torch.load(Path(folder) / tag / "engine.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._micro = state["micro"]
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def make_engine(
+    model: nn.Module,
+    info: DistInfo,
+    *,
+    use_deepspeed: bool,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    grad_accum: int,
+    grad_clip: float = 1.0,
+    zero_stage: int = 2,
+    bf16: bool = False,
+    user_config: dict[str, Any] | None = None,
+) -> Engine:
+    optimizer = make_optimizer(model, lr, weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
+    if use_deepspeed:
+        config = deepspeed_config(grad_accum, zero_stage, bf16, grad_clip, user_config)
+        return DeepSpeedEngine(model, optimizer, scheduler, config, info)
+    return TorchEngine(model, optimizer, scheduler, grad_accum, grad_clip, info)

@@ -1,0 +1,22 @@
+"""Export a trained model as a Hugging Face folder that ``from_pretrained`` loads back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def export_hf(model: Any, tokenizer: Any, folder: Path) -> Path:
+    """``save_pretrained`` the model and tokenizer into ``folder``.
+
+    A LoRA (peft) model is written twice: the adapter alone in ``folder/adapter`` (load it
+    with peft on top of the base model) and merged into the base weights in ``folder``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        model.save_pretrained(str(folder / "adapter"))
+        model = model.merge_and_unload()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,102 @@
+"""Exact per-sample token lengths (and 2.6 slice costs) for planning, without pixels.
+
+The index holds exact token counts only when ``mvprep build`` ran with the same tokenizer
+the trainer uses. Otherwise the trainer recounts once: it reads only the JSON member of
+every sample (images are skipped by seeking past them), tokenizes the text exactly as the
+training stream will, and caches the result in the run's output folder, keyed by the
+shards' hashes and the tokenizer's fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mvshards.index import DatasetIndex
+from mvshards.schema import SampleMeta
+from mvtrain.plan import slice_costs
+from mvtrain.tokenize import tokenize_sample
+
+
+@dataclass
+class ExactLengths:
+    """Per index row: exact token count, and for the 2.6 cost model the slice table."""
+
+    tokens: np.ndarray
+    slices: dict[str, tuple[int, int]]
+    recounted: bool
+    mismatches: int
+    """Samples whose exact count differs from the index's (only when the index was exact)."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return h.hexdigest()[:16]
+
+
+def iter_sample_json(shard: Path) -> Any:
+    """Every sample's JSON in a shard, reading no image bytes."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                handle = tar.extractfile(member)
+                assert handle is not None
+                yield json.loads(handle.read())
+
+
+def exact_lengths(
+    index: DatasetIndex,
+    tokenizer: Any,
+    profile_name: str,
+    cache_dir: Path | None,
+    progress: bool = False,
+) -> ExactLengths:
+    """Exact lengths for every index row, from the cache, the index, or a recount."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    shard_hash = hashlib.sha256("".join(s.sha256 for s in index.shards).encode()).hexdigest()[:16]
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"lengths-{shard_hash}-{fingerprint}-{profile_name}.json"
+        if cache.exists():
+            saved = json.loads(cache.read_text())
+            return ExactLengths(
+                np.asarray(saved["tokens"], dtype=np.int64),
+                {k: (int(a), int(b)) for k, (a, b) in saved["slices"].items()},
+                recounted=False,
+                mismatches=int(saved["mismatches"]),
+            )
+    position = {key: i for i, key in enumerate(index.keys)}
+    tokens = np.asarray(index.num_tokens, dtype=np.int64).copy()
+    slices: dict[str, tuple[int, int]] = {}
+    mismatches = 0
+    for shard in tqdm(index.shard_paths(), desc="exact lengths", disable=not progress):
+        for obj in iter_sample_json(shard):
+            meta = SampleMeta.from_json(obj)
+            exact = len(tokenize_sample(meta, tokenizer, profile_name).input_ids)
+            i = position[meta.key]
+            if meta.token_count_exact and exact != tokens[i]:
+                mismatches += 1
+            tokens[i] = exact
+            slices[meta.key] = slice_costs(meta)
+    result = ExactLengths(tokens, slices, recounted=True, mismatches=mismatches)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(
+            json.dumps(
+                {"tokens": tokens.tolist(), "slices": slices, "mismatches": mismatches},
+                separators=(",", ":"),
+            )
+        )
+        tmp.replace(cache)
+    return result

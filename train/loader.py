@@ -1,0 +1,172 @@
+"""Fetch planned micro-batches from the shards: read by key, decode, tokenize, collate.
+
+The plan (``mvtrain.plan``) says which samples form each micro-batch, in order. The loader
+reads each sample's members straight from its tar (member offsets come from one header
+scan per shard, cached), turns them into model inputs with the family's adapter, and yields
+micro-batches in plan order. With DataLoader workers, worker ``w`` builds micro-batches
+``i`` with ``i % num_workers == w``, which the DataLoader interleaves back into order.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mvshards.schema import SampleMeta
+from mvshards.tario import split_member_name
+from mvtrain.adapters import Adapter, load_sample
+from mvtrain.plan import RankPlan
+
+log = logging.getLogger("mvtrain.loader")
+
+
+class ShardAccess:
+    """Random access to a sample's members by key; one header scan per shard."""
+
+    def __init__(self, shard_paths: list[Path]) -> None:
+        self.shard_paths = shard_paths
+        self._offsets: dict[int, dict[str, list[tuple[str, int, int]]]] = {}
+
+    def _scan(self, shard_id: int) -> dict[str, list[tuple[str, int, int]]]:
+        found: dict[str, list[tuple[str, int, int]]] = {}
+        with tarfile.open(self.shard_paths[shard_id]) as tar:
+            for member in tar:
+                parts = split_member_name(member.name) if member.isfile() else None
+                if parts is None:
+                    continue
+                key, ext = parts
+                found.setdefault(key, []).append((ext, member.offset_data, member.size))
+        return found
+
+    def members(self, shard_id: int, key: str) -> dict[str, bytes]:
+        table = self._offsets.get(shard_id)
+        if table is None:
+            table = self._offsets[shard_id] = self._scan(shard_id)
+        if key not in table:
+            raise KeyError(f"sample {key} is not in {self.shard_paths[shard_id]}")
+        out: dict[str, bytes] = {}
+        with open(self.shard_paths[shard_id], "rb") as handle:
+            for ext, offset, size in table[key]:
+                handle.seek(offset)
+                out[ext] = handle.read(size)
+        return out
+
+
+@dataclass
+class MicroBatch:
+    """One planned micro-batch, collated, with what the batch log reports."""
+
+    position: int
+    keys: list[str]
+    weight: float
+    inputs: dict[str, Any]
+    max_len: int
+    real_tokens: int
+    padded_tokens: int
+    real_patches: int
+    padded_patches: int
+    num_label_tokens: int
+    has_images: bool
+    length_mismatches: list[str]
+
+
+class PlannedBatches(IterableDataset):
+    """The micro-batches ``plan.batches[start:stop]`` of one rank, built in order."""
+
+    def __init__(
+        self,
+        plan: RankPlan,
+        start: int,
+        stop: int,
+        shard_paths: list[Path],
+        key_shard: dict[str, int],
+        tokenizer: Any,
+        profile_name: str,
+        adapter: Adapter,
+    ) -> None:
+        super().__init__()
+        self.plan, self.start, self.stop = plan, start, stop
+        self.shard_paths, self.key_shard = shard_paths, key_shard
+        self.tokenizer, self.profile_name, self.adapter = tokenizer, profile_name, adapter
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        access = ShardAccess(self.shard_paths)
+        for position in range(self.start, self.stop):
+            if position % workers != worker:
+                continue
+            yield self.build(position, access)
+
+    def build(self, position: int, access: ShardAccess) -> MicroBatch:
+        planned = self.plan.batches[position]
+        samples = []
+        mismatches = []
+        for cost in planned.samples:
+            members = access.members(self.key_shard[cost.key], cost.key)
+            meta = SampleMeta.from_json(_json(members, cost.key))
+            loaded = load_sample(meta, members, self.tokenizer, self.profile_name)
+            if len(loaded.tokenized) != cost.tokens:
+                mismatches.append(
+                    f"{cost.key}: planned {cost.tokens} tokens, tokenized {len(loaded.tokenized)}"
+                )
+            samples.append(loaded)
+        inputs = self.adapter.collate(samples)
+        lengths = [len(s.tokenized) for s in samples]
+        patches = [sum(r * c for r, c in s.tgt_sizes) for s in samples]
+        padded_tokens, padded_patches = self.adapter.padded_cost(samples)
+        return MicroBatch(
+            position=position,
+            keys=[c.key for c in planned.samples],
+            weight=float(planned.weight),
+            inputs=inputs,
+            max_len=max(lengths),
+            real_tokens=sum(lengths),
+            padded_tokens=padded_tokens,
+            real_patches=sum(patches),
+            padded_patches=padded_patches,
+            num_label_tokens=self.adapter.label_count(inputs) if planned.weight else 0,
+            has_images=any(patches),
+            length_mismatches=mismatches,
+        )
+
+
+def _json(members: dict[str, bytes], key: str) -> Any:
+    import json
+
+    if "json" not in members:
+        raise KeyError(f"sample {key} has no .json member")
+    return json.loads(members["json"])
+
+
+def batch_iterator(dataset: PlannedBatches, num_workers: int) -> Iterator[MicroBatch]:
+    if num_workers <= 0:
+        yield from dataset
+        return
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2,
+        collate_fn=lambda x: x,
+    )
+    yield from loader
+
+
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return {k: move(v) for k, v in inputs.items()}

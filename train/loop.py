@@ -1,0 +1,330 @@
+"""``mvtrain run`` as a library call: plan, build, stream, step, checkpoint, export.
+
+Read it top to bottom: :func:`run` sets up (process group, model, plans, engine, resume),
+then :func:`_train_steps` runs optimizer steps of ``grad_accum`` planned micro-batches each.
+The loss of a step is the sum of token losses over its micro-batches on every rank divided
+by the global count of label tokens (all ranks, the whole window) -- not a mean of per-batch
+means -- so every label token weighs the same however the budgets cut the batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mvshards.index import load_index
+from mvtrain.adapters import adapter_for
+from mvtrain.bucketer import Budgets, CostModel
+from mvtrain.checkpoint import TrainState, load_checkpoint, newest_checkpoint, save_checkpoint
+from mvtrain.distributed import DistInfo, all_reduce_sum, barrier, device_for, dist_info
+from mvtrain.engine import deepspeed_available, init_process_group, load_user_config, make_engine
+from mvtrain.lengths import exact_lengths
+from mvtrain.loader import PlannedBatches, batch_iterator, to_device
+from mvtrain.metrics import BatchLog, Efficiency, Scalars
+from mvtrain.model_setup import build_model, load_tokenizer_only, parameter_counts
+from mvtrain.plan import PlanIndex, RankPlan, all_rank_plans, equal_step_plans, plan_report
+from mvtrain.run_config import RunConfig
+
+log = logging.getLogger("mvtrain")
+
+FAULT_ENV = "MVTRAIN_FAULT"
+"""Fault injection for tests: ``kill-after-step:K`` SIGKILLs every rank right after step K."""
+
+
+@dataclass
+class EpochPlans:
+    """Every epoch's plan for this rank and the step count all ranks share."""
+
+    steps: list[int]
+    plans: dict[int, RankPlan]
+    report: dict[int, dict[str, Any]]
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of a global step."""
+        for epoch, n in enumerate(self.steps):
+            if step < n:
+                return epoch, step
+            step -= n
+        raise IndexError("step past the planned epochs")
+
+
+@dataclass
+class RunResult:
+    steps_done: int
+    losses: dict[int, float] = field(default_factory=dict)
+    efficiency: dict[str, float] = field(default_factory=dict)
+    oversize: int = 0
+    length_mismatches: int = 0
+    output: Path | None = None
+
+
+def _plan_epochs(
+    config: RunConfig, index: PlanIndex, info: DistInfo, cost_model: CostModel
+) -> EpochPlans:
+    budgets = Budgets(tokens=config.token_budget, patches=config.patch_budget)
+    steps: list[int] = []
+    plans: dict[int, RankPlan] = {}
+    reports: dict[int, dict[str, Any]] = {}
+    for epoch in range(config.epochs if config.max_steps is None else 10**6):
+        rank_plans = all_rank_plans(
+            index,
+            config.seed,
+            epoch,
+            info.world_size,
+            budgets,
+            cost_model,
+            shuffle_buffer=config.shuffle_buffer,
+        )
+        n, padded = equal_step_plans(rank_plans, config.grad_accum)
+        steps.append(n)
+        plans[epoch] = padded[info.rank]
+        reports[epoch] = plan_report(rank_plans)
+        if config.max_steps is not None and sum(steps) >= config.max_steps:
+            break
+    if config.max_steps is not None:
+        total, trimmed = config.max_steps, []
+        for n in steps:
+            trimmed.append(min(n, total))
+            total -= trimmed[-1]
+        steps = trimmed
+    return EpochPlans(steps, plans, reports)
+
+
+def _inject_fault(step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"kill-after-step:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(config: RunConfig) -> RunResult:
+    config.validate()
+    info = dist_info()
+    use_ds = deepspeed_available() if config.use_deepspeed is None else config.use_deepspeed
+    if use_ds and not deepspeed_available():
+        raise RuntimeError("DeepSpeed is not installed: pip install 'mvkit[train]' or drop --zero")
+    if not config.dry_run:
+        init_process_group(info, use_ds)
+    elif info.world_size > 1:
+        init_process_group(info, use_deepspeed=False)
+    torch.manual_seed(config.seed)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = device_for(info)
+
+    index = load_index(Path(config.shards))
+    profile = index.params["profile"]
+    bundle = None if config.dry_run else build_model(config)
+    tokenizer = bundle.tokenizer if bundle else load_tokenizer_only(config)
+    family = bundle.family if bundle else ("4.6" if "4.6" in profile else "2.6")
+    if ("4.6" in profile) != (family == "4.6"):
+        raise ValueError(
+            f"the shards were built with --profile {profile} but the model is a MiniCPM-V "
+            f"{family}-family model: rebuild with the matching --profile"
+        )
+    cost_model = CostModel.for_profile(profile)
+    cache = output / "cache"
+    if info.is_main:  # rank 0 recounts and caches; the others then read the cache
+        lengths = exact_lengths(index, tokenizer, profile, cache, progress=config.progress)
+    barrier()
+    if not info.is_main:
+        lengths = exact_lengths(index, tokenizer, profile, cache)
+    if lengths.mismatches and info.is_main:
+        log.warning(
+            "%d samples' exact token counts differ from the index (built with another "
+            "tokenizer or template?); planning uses the exact counts",
+            lengths.mismatches,
+        )
+    plan_index = PlanIndex.from_arrays(
+        index.keys,
+        index.shard_ids,
+        lengths.tokens,
+        index.num_patches,
+        num_shards=len(index.shards),
+        slice_table=lengths.slices,
+    )
+    epochs = _plan_epochs(config, plan_index, info, cost_model)
+    total_steps = sum(epochs.steps)
+    adapter = adapter_for(profile, tokenizer)
+    key_shard = {k: int(s) for k, s in zip(index.keys, index.shard_ids, strict=True)}
+    shard_paths = index.shard_paths()
+
+    engine = None
+    state = TrainState(
+        step=0, budgets={"tokens": config.token_budget, "patches": config.patch_budget}
+    )
+    if bundle is not None:
+        bundle.model.to(device)
+        engine = make_engine(
+            bundle.model,
+            info,
+            use_deepspeed=use_ds,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_steps,
+            total_steps=total_steps,
+            grad_accum=config.grad_accum,
+            zero_stage=config.zero_stage,
+            bf16=config.bf16,
+            user_config=load_user_config(config.deepspeed_config),
+        )
+        if config.resume:
+            found = newest_checkpoint(output)
+            if found is not None:
+                state = load_checkpoint(output, found[1], engine, info)
+
+    result = RunResult(steps_done=state.step, output=output)
+    result.oversize = sum(len(p.oversize) for p in epochs.plans.values())
+    efficiency = Efficiency(config.token_budget, config.patch_budget)
+    batch_log = BatchLog(config.batch_log)
+    scalars = Scalars(output / "tensorboard" if info.is_main and config.tensorboard else None)
+    metrics_file = output / "metrics.jsonl"
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc="mvtrain",
+        unit="step",
+        disable=not (config.progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    if info.is_main:
+        (output / "run.json").write_text(
+            json.dumps(
+                {
+                    "config": {k: str(v) for k, v in vars(config).items()},
+                    "world_size": info.world_size,
+                    "engine": engine.name if engine else "dry-run",
+                    "params": parameter_counts(bundle.model) if bundle else None,
+                    "steps_per_epoch": epochs.steps,
+                    "plan": {str(e): r for e, r in epochs.report.items()},
+                    "exact_length_recount": lengths.recounted,
+                },
+                indent=1,
+                default=str,
+            )
+        )
+    try:
+        step = state.step
+        while step < total_steps:
+            epoch, in_epoch = epochs.locate(step)
+            plan = epochs.plans[epoch]
+            dataset = PlannedBatches(
+                plan,
+                in_epoch * config.grad_accum,
+                epochs.steps[epoch] * config.grad_accum,
+                shard_paths,
+                key_shard,
+                tokenizer,
+                profile,
+                adapter,
+            )
+            stream = batch_iterator(dataset, config.loader_workers)
+            for _ in range(in_epoch, epochs.steps[epoch]):
+                window = [next(stream) for _ in range(config.grad_accum)]
+                started = time.perf_counter()
+                loss = _one_step(window, engine, adapter, info, device, step, batch_log, efficiency)
+                elapsed = time.perf_counter() - started
+                step += 1
+                state.step = step
+                for batch in window:
+                    for mismatch in batch.length_mismatches:
+                        log.warning("exact length differs from the plan: %s", mismatch)
+                    result.length_mismatches += len(batch.length_mismatches)
+                tokens = all_reduce_sum(sum(b.real_tokens for b in window if b.weight), device)
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "tokens_per_s": tokens / max(elapsed, 1e-9),
+                    **efficiency.report(),
+                }
+                if loss is not None:
+                    result.losses[step] = loss
+                    record["loss"] = loss
+                if engine is not None:
+                    record["lr"] = engine.current_lr()
+                if torch.cuda.is_available():
+                    record["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+                if info.is_main:
+                    with open(metrics_file, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    scalars.log(step, {k: v for k, v in record.items() if isinstance(v, float)})
+                    bar.set_postfix_str(
+                        f"loss {loss:.4f}" if loss is not None else "dry run", refresh=False
+                    )
+                bar.update(1)
+                if engine is not None and config.save_every and step % config.save_every == 0:
+                    save_checkpoint(output, engine, state, info)
+                _inject_fault(step)
+        if (
+            engine is not None
+            and step > 0
+            and newest_checkpoint(output) != (step, f"step-{step:06d}")
+        ):
+            save_checkpoint(output, engine, state, info)
+        if engine is not None:
+            digest = parameter_digest(engine.module)
+            (output / f"params-rank{info.rank}.sha256").write_text(digest + "\n")
+        if engine is not None and config.export and info.is_main:
+            from mvtrain.export import export_hf
+
+            export_hf(engine.module, tokenizer, output / "hf")
+        barrier()
+    finally:
+        bar.close()
+        batch_log.close()
+        scalars.close()
+    result.steps_done = state.step
+    result.efficiency = efficiency.report()
+    return result
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name and bytes: equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _one_step(
+    window: list[Any],
+    engine: Any,
+    adapter: Any,
+    info: DistInfo,
+    device: torch.device,
+    step: int,
+    batch_log: BatchLog,
+    efficiency: Efficiency,
+) -> float | None:
+    """Forward/backward every micro-batch of one optimizer step; the step's global loss."""
+    for batch in window:
+        efficiency.add(batch)
+    if engine is None:  # dry run: the data path only
+        for micro, batch in enumerate(window):
+            batch_log.write(info.rank, step, micro, batch, None)
+        return None
+    label_tokens = all_reduce_sum(sum(b.num_label_tokens for b in window), device)
+    denominator = max(label_tokens, 1.0)
+    loss_sum_local = 0.0
+    for micro, batch in enumerate(window):
+        inputs = to_device(batch.inputs, device)
+        loss_sum, count = adapter.forward_loss(engine, inputs)
+        if batch.weight == 0:
+            loss_sum = loss_sum * 0.0
+        engine.backward(loss_sum / denominator)
+        engine.step()
+        value = float(loss_sum.detach())
+        loss_sum_local += value
+        batch_log.write(
+            info.rank, step, micro, batch, value / count if count and batch.weight else None
+        )
+    return all_reduce_sum(loss_sum_local, device) / denominator

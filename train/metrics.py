@@ -1,0 +1,106 @@
+"""What a run reports: the per-micro-batch JSON log, efficiency totals, TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mvtrain.loader import MicroBatch
+
+
+class BatchLog:
+    """``--batch-log FILE``: one JSON line per micro-batch, appended with one ``write`` each
+    (O_APPEND), so several ranks can share the file without interleaving lines."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._fd = None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(
+        self, rank: int, step: int, micro: int, batch: MicroBatch, loss: float | None
+    ) -> None:
+        if self._fd is None:
+            return
+        line = {
+            "rank": rank,
+            "step": step,
+            "micro": micro,
+            "keys": batch.keys,
+            "num_samples": len(batch.keys),
+            "max_len": batch.max_len,
+            "real_tokens": batch.real_tokens,
+            "padded_tokens": batch.padded_tokens,
+            "real_patches": batch.real_patches,
+            "padded_patches": batch.padded_patches,
+            "weight": batch.weight,
+            "loss": loss,
+        }
+        os.write(self._fd, (json.dumps(line, separators=(",", ":")) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class Efficiency:
+    """Running totals of real vs padded cost over the real (weight > 0) micro-batches."""
+
+    token_budget: int
+    patch_budget: int
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    real_patches: int = 0
+    padded_patches: int = 0
+    batches: int = 0
+
+    def add(self, batch: MicroBatch) -> None:
+        if batch.weight == 0:
+            return
+        self.batches += 1
+        self.real_tokens += batch.real_tokens
+        self.padded_tokens += batch.padded_tokens
+        self.real_patches += batch.real_patches
+        self.padded_patches += batch.padded_patches
+
+    def report(self) -> dict[str, float]:
+        n = max(self.batches, 1)
+        return {
+            "token_efficiency": self.real_tokens / max(self.padded_tokens, 1),
+            "patch_efficiency": self.real_patches / max(self.padded_patches, 1)
+            if self.padded_patches
+            else 1.0,
+            "token_budget_utilisation": self.padded_tokens / n / self.token_budget,
+            "patch_budget_utilisation": self.padded_patches / n / self.patch_budget,
+            "micro_batches": self.batches,
+        }
+
+
+class Scalars:
+    """TensorBoard scalars on rank 0 (a no-op when TensorBoard is missing or disabled)."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self._writer: Any = None
+        if folder is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self._writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

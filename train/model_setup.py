@@ -1,0 +1,86 @@
+"""Build the model to train: tiny or loaded, then LoRA / frozen vision / checkpointing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mvtrain.attention import use_batched_varlen_attention
+from mvtrain.run_config import RunConfig
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: Any
+    family: str
+
+
+def load_tokenizer_only(config: RunConfig) -> Any:
+    if config.model == "tiny":
+        from mvtrain.tiny import load_tiny_tokenizer
+
+        return load_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+
+
+def vision_modules(model: nn.Module) -> list[nn.Module]:
+    """The vision encoder (not the merger/resampler, which stays trainable as in the
+    official fine-tuning code's ``tune_vision=False``)."""
+    inner = getattr(model, "model", model)
+    for name in ("vision_tower", "vpm"):
+        module = getattr(inner, name, None) or getattr(model, name, None)
+        if module is not None:
+            return [module]
+    raise ValueError("cannot find the vision tower (vision_tower / vpm) to freeze")
+
+
+def build_model(config: RunConfig) -> ModelBundle:
+    if config.model == "tiny":
+        from mvtrain.tiny import build_tiny_model
+
+        model, tokenizer = build_tiny_model(seed=config.seed)
+        family = "4.6"
+    else:
+        from mvtrain.models import load_model
+
+        model, tokenizer, family = load_model(
+            config.model, trust_remote_code=config.trust_remote_code, dtype=None
+        )
+    if family == "4.6":
+        use_batched_varlen_attention(model)
+    if config.freeze_vision:
+        for module in vision_modules(model):
+            for p in module.parameters():
+                p.requires_grad_(False)
+    if config.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=2 * config.lora_rank,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+        )
+        model = get_peft_model(model, lora)
+    if config.bf16:
+        model = model.to(torch.bfloat16)
+    model.train()
+    return ModelBundle(model=model, tokenizer=tokenizer, family=family)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

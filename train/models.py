@@ -1,0 +1,123 @@
+"""Load a real model from a local folder: native MiniCPM-V 4.6/4.7, or the 2.6 family.
+
+Families (decided from ``config.json`` alone, see :func:`detect_family`):
+
+* ``"4.6"`` -- MiniCPM-V 4.6 / 4.7, native in transformers (``model_type`` ``minicpmv4_6`` or
+  ``minicpmv4_7``): loaded with ``AutoModelForImageTextToText``; no remote code.
+* ``"2.6"`` -- MiniCPM-V 2.6, MiniCPM-o 2.6, MiniCPM-V 4.0 / 4.5 (``model_type`` ``minicpmv``
+  or ``minicpmo``, or an ``auto_map`` naming MiniCPM code): their modelling code ships
+  with the checkpoint, so loading needs ``trust_remote_code`` (``--trust-remote-code``);
+  loaded with ``AutoModel`` as the official fine-tuning script does.
+
+Nothing is downloaded: ``path`` must be a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+Family = Literal["4.6", "2.6"]
+
+NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")
+REMOTE_MODEL_TYPES = ("minicpmv", "minicpmo")
+
+
+class ModelLoadError(Exception):
+    """The model folder cannot be used (one line, naming the folder and the fix)."""
+
+
+def read_config(path: Path | str) -> dict[str, Any]:
+    """The parsed ``config.json`` of a local model folder."""
+    folder = Path(path)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(
+            f"{folder}: no config.json; --model takes a local Hugging Face model folder "
+            "(download it first, e.g. with `hf download`) or `tiny`"
+        )
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config}: not valid JSON ({exc})") from exc
+
+
+def detect_family(path: Path | str) -> Family:
+    """``"4.6"`` (native classes) or ``"2.6"`` (remote code) from the folder's config.json."""
+    config = read_config(path)
+    model_type = str(config.get("model_type", ""))
+    if model_type in NATIVE_MODEL_TYPES:
+        return "4.6"
+    auto_map = config.get("auto_map") or {}
+    if model_type in REMOTE_MODEL_TYPES or any(
+        "minicpm" in str(v).lower() for v in auto_map.values()
+    ):
+        query_num = config.get("query_num", 64)
+        if query_num != 64:
+            raise ModelLoadError(
+                f"{path}: config.json has query_num {query_num}; only the 2.6 family (64 "
+                "queries per image: MiniCPM-V 2.6, MiniCPM-o 2.6, 4.0, 4.5) is supported, "
+                "not MiniCPM-V 2.0 / Llama3-V 2.5"
+            )
+        return "2.6"
+    raise ModelLoadError(
+        f"{path}: config.json has model_type {model_type!r}, not a MiniCPM-V model this "
+        f"trainer knows (native: {', '.join(NATIVE_MODEL_TYPES)}; remote code: "
+        f"{', '.join(REMOTE_MODEL_TYPES)} or an auto_map to MiniCPM code)"
+    )
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+    try:
+        return names[str(dtype)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}") from None
+
+
+def load_model(
+    path: Path | str, trust_remote_code: bool = False, dtype: Any = None
+) -> tuple[Any, Any, Family]:
+    """``(model, tokenizer, family)`` from the local folder ``path``, the model in train mode.
+
+    ``dtype``: a ``torch.dtype`` or ``"bf16"``/``"fp16"``/``"fp32"``; None keeps float32.
+    The 2.6 family raises :class:`ModelLoadError` unless ``trust_remote_code`` is set.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    family = detect_family(folder)
+    torch_dtype = _torch_dtype(dtype)
+    kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
+    if family == "4.6":
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    else:
+        if not trust_remote_code:
+            raise ModelLoadError(
+                f"{folder} is a MiniCPM-V 2.6-family model whose code ships with the "
+                "checkpoint; pass --trust-remote-code to run it (read that code first)"
+            )
+        from transformers import AutoModel
+
+        if read_config(folder).get("model_type") == "minicpmo":
+            # As the official fine-tuning script: the vision-language part only.
+            kwargs.update(init_vision=True, init_audio=False, init_tts=False)
+        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    model.train()
+    return model, tokenizer, family

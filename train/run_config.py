@@ -1,0 +1,66 @@
+"""Options of one ``mvtrain run``: a plain dataclass the CLI fills and a notebook can too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TOKEN_BUDGET = 16384
+DEFAULT_PATCH_BUDGET = 65536
+
+
+@dataclass
+class RunConfig:
+    shards: Path
+    model: str
+    """``tiny`` or a local model folder."""
+    output: Path
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    patch_budget: int = DEFAULT_PATCH_BUDGET
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: int = 1
+    zero_stage: int = 2
+    deepspeed_config: Path | None = None
+    use_deepspeed: bool | None = None
+    """None: DeepSpeed when importable, else plain torch."""
+    lora: bool = False
+    lora_rank: int = 8
+    freeze_vision: bool = False
+    grad_ckpt: bool = False
+    bf16: bool = False
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+    batch_log: Path | None = None
+    save_every: int | None = None
+    resume: bool = False
+    dry_run: bool = False
+    trust_remote_code: bool = False
+    loader_workers: int = 0
+    shuffle_buffer: int = 1000
+    progress: bool = True
+    tensorboard: bool = True
+    export: bool = True
+
+    def validate(self) -> None:
+        if self.token_budget < 1 or self.patch_budget < 1:
+            raise ValueError("--token-budget and --patch-budget must be positive")
+        if self.grad_accum < 1:
+            raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(
+                f"--zero must be 0, 1 or 2 (ZeRO-3 is not supported), got {self.zero_stage}"
+            )
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError(f"--save-every must be >= 1, got {self.save_every}")
+        if not (Path(self.shards) / "manifest.json").exists():
+            raise ValueError(
+                f"{self.shards} has no manifest.json: build it with `mvprep build ... --out "
+                f"{self.shards}` (or finish that build by re-running it)"
+            )

@@ -1,0 +1,267 @@
+"""A stored sample's conversation -> ``input_ids`` and ``labels``, exactly as the model sees it.
+
+Steps (the same for both families; only the image span text differs):
+
+1. Every image placeholder is replaced with the image's real token span
+   (:func:`image_span_text`) by :func:`mvshards.conversation.expand_placeholders`, the module
+   mvprep counts with, so spans land in the same places and get the same newlines.
+2. The tokenizer's chat template renders the turns (``tokenize=False,
+   add_generation_prompt=False``).
+3. The rendered text is tokenized once with ``add_special_tokens=False``.
+
+The result has exactly ``meta.num_text_tokens + meta.num_image_tokens`` tokens when mvprep
+counted with the same tokenizer: mvprep tokenizes the text between image spans piece by
+piece, and since every span starts and ends with a special (added) token, which the
+tokenizer splits out before BPE, the pieces tokenize the same inside the whole text
+(see ``mvprep.tokens.HFTokenCounter``).
+
+Image spans (``<image_id>k</image_id>`` only when the stored ``image_id`` is not None):
+
+* 4.6 family, as ``MiniCPMV4_6Processor.replace_image_token`` + ``_prepend_local_ids``:
+  ``<image>`` + image_token * (patches // 16, or // 4 in "4x") + ``</image>``, then for a
+  sliced image each row of slices ``(<slice> + image_token * n + </slice>) * cols``, rows
+  joined by ``"\\n"``. The image token is the tokenizer's ``image_token`` (``<unk>`` in the
+  tiny tokenizer).
+* 2.6 family, as the official fine-tuning code (``preprocess`` / ``get_grid_placeholder``
+  with ``new_schema``): the same shape with ``<unk>`` * 64 per (sub)image.
+
+Label rule (unshifted, aligned with ``input_ids``; ``-100`` = no loss): the tokens of every
+assistant turn's content plus the end-of-turn token (``<|im_end|>``, else the tokenizer's
+eos) that closes the turn; everything else -- system and user turns, role headers, template
+newlines, image spans in user turns -- is ``-100``. This is the official MiniCPM-V
+fine-tuning rule (``finetune/dataset.py``: assistant content and its ``<|im_end|>`` are
+supervised, the rest masked) with one deliberate difference: the official Qwen2 path also
+supervises the newline token after the ``assistant`` role header (its span starts right
+after the ``assistant`` token); here the span starts at the content, as most SFT trainers
+do. The 2.6 adapter shifts these labels left by one, as the official code hands them to
+its loss; the native loss shifts inside :func:`mvtrain.adapters.token_loss_sum`.
+
+Assistant content is located in the rendered text exactly (a second render with markers in
+place of the assistant contents, see :func:`_assistant_ranges`) and mapped to tokens with
+the fast tokenizer's offsets: a token is labelled when its characters overlap the content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mvshards.conversation import expand_placeholders, split_at_markers
+from mvshards.profiles import Profile, get_profile
+from mvshards.schema import ImageEntry, SampleMeta
+
+IGNORE_INDEX = -100
+END_OF_TURN = "<|im_end|>"
+
+
+class TokenizeError(ValueError):
+    """A sample cannot be tokenized as stored (one line naming the sample and the fix)."""
+
+
+@dataclass(frozen=True)
+class SpanTokens:
+    """The strings an image span is made of."""
+
+    query: str
+    """The token repeated once per LLM query position (the model scatters image features there)."""
+    image_start: str = "<image>"
+    image_end: str = "</image>"
+    slice_start: str = "<slice>"
+    slice_end: str = "</slice>"
+    id_start: str = "<image_id>"
+    id_end: str = "</image_id>"
+
+
+@dataclass
+class TokenizedSample:
+    """One sample as token ids, ready to collate."""
+
+    key: str
+    input_ids: list[int]
+    labels: list[int]
+    """Unshifted: ``labels[i]`` is the target *at* position i (``input_ids[i]`` or -100)."""
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    """``(start, end)`` (end exclusive) of every (sub)image's query-token run in
+    ``input_ids``, in vision order: image 0's source, its slices row-major, image 1, ...
+    This is the 2.6 family's ``image_bound``."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def span_tokens(tokenizer: Any, family: str) -> SpanTokens:
+    """The span strings of ``family`` (``"4.6"``/``"2.6"``) with this tokenizer."""
+    if family == "4.6":
+        query = getattr(tokenizer, "image_token", None) or tokenizer.unk_token
+        return SpanTokens(
+            query=query,
+            image_start=getattr(tokenizer, "image_start_token", None) or "<image>",
+            image_end=getattr(tokenizer, "image_end_token", None) or "</image>",
+            slice_start=getattr(tokenizer, "slice_start_token", None) or "<slice>",
+            slice_end=getattr(tokenizer, "slice_end_token", None) or "</slice>",
+            id_start=getattr(tokenizer, "image_id_start_token", None) or "<image_id>",
+            id_end=getattr(tokenizer, "image_id_end_token", None) or "</image_id>",
+        )
+    if family == "2.6":
+        return SpanTokens(query=tokenizer.unk_token)
+    raise ValueError(f"unknown model family {family!r}; expected '4.6' or '2.6'")
+
+
+def subimage_query_counts(entry: ImageEntry, profile: Profile) -> list[int]:
+    """Query tokens of each (sub)image of one image: the source, then its slices."""
+    return [profile.tokens_per_subimage(t) for t in entry.layout.tgt_sizes]
+
+
+def image_span_text(entry: ImageEntry, profile: Profile, tokens: SpanTokens) -> str:
+    """The exact text that replaces one image's placeholder."""
+    layout = entry.layout
+    counts = subimage_query_counts(entry, profile)
+    text = tokens.image_start + tokens.query * counts[0] + tokens.image_end
+    if layout.grid is not None:
+        cols, rows = layout.grid
+        slices = counts[1:]
+        text += "\n".join(
+            "".join(
+                tokens.slice_start + tokens.query * n + tokens.slice_end
+                for n in slices[r * cols : (r + 1) * cols]
+            )
+            for r in range(rows)
+        )
+    if entry.image_id is not None:
+        text = f"{tokens.id_start}{entry.image_id}{tokens.id_end}" + text
+    return text
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """Id of ``<|im_end|>`` when the vocabulary has it, else the eos id."""
+    tid = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if tid is not None and tid != tokenizer.unk_token_id:
+        return int(tid)
+    if tokenizer.eos_token_id is None:
+        raise TokenizeError("tokenizer has neither <|im_end|> nor an eos token to end a turn")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_sample(meta: SampleMeta, tokenizer: Any, profile_name: str) -> TokenizedSample:
+    """Tokenize ``meta``'s conversation with real image spans; labels by the module's rule."""
+    profile = get_profile(profile_name)
+    tokens = span_tokens(tokenizer, profile.family)
+    spans = [image_span_text(entry, profile, tokens) for entry in meta.images]
+    turns = expand_placeholders(meta.conversations, meta.image_names, spans)
+    rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=False)
+    try:
+        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:
+        raise TokenizeError(
+            f"sample {meta.key}: the tokenizer gives no offsets (a slow tokenizer); "
+            "labels need a fast tokenizer (tokenizer.json)"
+        ) from exc
+    input_ids = [int(t) for t in enc["input_ids"]]
+    offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+    ranges = _assistant_ranges(meta.key, tokenizer, turns, rendered)
+    labels = _labels(ranges, input_ids, offsets, end_of_turn_id(tokenizer))
+    expected = [n for entry in meta.images for n in subimage_query_counts(entry, profile)]
+    query_id = tokenizer.convert_tokens_to_ids(tokens.query)
+    image_spans = _query_runs(input_ids, query_id)
+    if [b - a for a, b in image_spans] != expected:
+        raise TokenizeError(
+            f"sample {meta.key}: the image token {tokens.query!r} forms runs of "
+            f"{[b - a for a, b in image_spans]} tokens, its layouts need {expected}; "
+            "the text itself probably contains that token -- remove it from the record"
+        )
+    return TokenizedSample(meta.key, input_ids, labels, image_spans)
+
+
+def _query_runs(input_ids: Sequence[int], query_id: int) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, tid in enumerate(input_ids):
+        if tid == query_id:
+            if start is None:
+                start = i
+        elif start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(input_ids)))
+    return runs
+
+
+def _assistant_ranges(
+    key: str, tokenizer: Any, turns: Sequence[dict[str, str]], rendered: str
+) -> list[tuple[int, int]]:
+    """Character ranges ``[start, end)`` of every assistant turn's content in ``rendered``.
+
+    Exact method: render again with each assistant content replaced by a unique marker, cut
+    at the markers, and put the contents back; when that rebuilds ``rendered`` exactly, the
+    template wrote the contents verbatim and the ranges are known. Otherwise (a template that
+    rewrites content) each content (or, failing that, the content stripped of surrounding
+    whitespace) is searched in order past the previous turn's.
+    """
+    assistant = [n for n, turn in enumerate(turns) if turn["role"] == "assistant"]
+    markers = [f"\x00mvkit-assistant-{n}\x00" for n in assistant]
+    marked = [dict(turn) for turn in turns]
+    for n, marker in zip(assistant, markers, strict=True):
+        marked[n]["content"] = marker
+    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=False)
+    try:
+        pieces = split_at_markers(text, markers)
+    except ValueError:
+        pieces = None
+    if pieces is not None:
+        ranges: list[tuple[int, int]] = []
+        rebuilt = pieces[0]
+        for n, piece in zip(assistant, pieces[1:], strict=True):
+            ranges.append((len(rebuilt), len(rebuilt) + len(turns[n]["content"])))
+            rebuilt += turns[n]["content"] + piece
+        if rebuilt == rendered:
+            return ranges
+    ranges = []
+    cursor = 0
+    for n, turn in enumerate(turns):
+        content = turn["content"]
+        pos = rendered.find(content, cursor)
+        if pos < 0:  # templates that trim content (``| trim``) write it stripped
+            content = content.strip()
+            pos = rendered.find(content, cursor)
+        if pos < 0:
+            if turn["role"] == "assistant":
+                raise TokenizeError(
+                    f"sample {key}: assistant turn {n} is not written verbatim by the chat "
+                    "template, so its label tokens cannot be located"
+                )
+            continue
+        if turn["role"] == "assistant":
+            ranges.append((pos, pos + len(content)))
+        cursor = pos + len(content)
+    return ranges
+
+
+def _labels(
+    ranges: Sequence[tuple[int, int]],
+    input_ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    eot_id: int,
+) -> list[int]:
+    """Unshifted labels: tokens overlapping each range, then the first end-of-turn token."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    t = 0
+    for i, (start, end) in enumerate(ranges):
+        limit = ranges[i + 1][0] if i + 1 < len(ranges) else None
+        while t < len(offsets) and offsets[t][1] <= start and offsets[t][0] < end:
+            t += 1
+        while t < len(offsets) and offsets[t][0] < end:
+            if offsets[t][1] > start:
+                labels[t] = input_ids[t]
+            t += 1
+        while t < len(offsets) and (limit is None or offsets[t][0] < limit):
+            t += 1
+            if input_ids[t - 1] == eot_id:
+                labels[t - 1] = eot_id
+                break
+    return labels
