@@ -1,4 +1,22 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small shards for trainer tests: 12 records (text-only, single and multi-image, bad
+    ones rejected) at --max-res 448 so a CPU step stays short."""
+    from pipeline_data import make_pipeline_dataset
+
+    from mvprep.build import build
+    from mvprep.options import BuildOptions
+
+    data = make_pipeline_dataset(tmp_path_factory.mktemp("data") / "set", count=12)
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    options = BuildOptions(data_path=data, out_dir=out, max_res=448, samples_per_shard=3)
+    assert build(options, workers=1, progress=False).ok
+    return out

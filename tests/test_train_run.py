@@ -10,10 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_data import make_pipeline_dataset
-
-from mvprep.build import build
-from mvprep.options import BuildOptions
 
 pytest.importorskip("deepspeed")
 
@@ -49,15 +45,6 @@ def _losses(out: Path) -> dict[int, float]:
 
 def _digests(out: Path) -> set[str]:
     return {p.read_text().strip() for p in out.glob("params-rank*.sha256")}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = make_pipeline_dataset(tmp_path_factory.mktemp("data") / "set", count=12)
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    options = BuildOptions(data_path=data, out_dir=out, max_res=448, samples_per_shard=3)
-    assert build(options, workers=1, progress=False).ok
-    return out
 
 
 @pytest.fixture(scope="module")

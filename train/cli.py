@@ -149,5 +149,33 @@ def run_command(
         click.echo("-" * (width + 30))
 
 
+@main.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to draw it (default: OUT/report.png).",
+)
+@click.option(
+    "--memory-budget",
+    default=None,
+    help="Planned peak GPU memory per GPU for the memory panel's line, e.g. 80GiB "
+    "(default: the planned peak the run recorded in run.json, if any).",
+)
+def report_command(out: Path, png: Path | None, memory_budget: str | None) -> None:
+    """One PNG of run OUT: loss, lr, tokens/s, efficiency, budget use, GPU memory."""
+    from mvtrain.report import ReportError, format_report, parse_bytes, write_report
+
+    try:
+        budget = parse_bytes(memory_budget)
+        report = write_report(out, png, memory_budget=budget)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_report(report))
+
+
 if __name__ == "__main__":
     main()

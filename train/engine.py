@@ -38,6 +38,7 @@ class Engine(Protocol):
     def __call__(self, **kwargs: Any) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
+    def zero_grad(self) -> None: ...
     def save(self, folder: Path, tag: str) -> None: ...
     def load(self, folder: Path, tag: str) -> None: ...
     def current_lr(self) -> float: ...
@@ -103,12 +104,15 @@ def deepspeed_config(
     """The generated DeepSpeed config; keys of ``user_config`` override it (deep merge).
 
     ``train_micro_batch_size_per_gpu`` is nominal: micro-batches vary in size under the
-    token and patch budgets, and DeepSpeed only uses it for throughput logging.
+    token and patch budgets, and DeepSpeed only uses it for throughput logging. Gradient
+    accumulation is unmanaged: ``step()`` is the boundary, so a window may hold more
+    micro-batches than ``grad_accum`` when an OOM splits one (all ranks run the same count).
     """
     cuda = torch.cuda.is_available()
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": grad_accum,
+        "managed_gradient_accumulation": False,
         "gradient_clipping": grad_clip,
         "zero_optimization": {
             "stage": zero_stage,
@@ -174,6 +178,9 @@ class DeepSpeedEngine:
     def step(self) -> None:
         self._engine.step()
 
+    def zero_grad(self) -> None:
+        self._engine.zero_grad()
+
     def save(self, folder: Path, tag: str) -> None:
         self._engine.save_checkpoint(str(folder), tag=tag)
 
@@ -187,7 +194,8 @@ class DeepSpeedEngine:
 
 
 class TorchEngine:
-    """Plain torch: gradient accumulation, SUM all-reduce over ranks, clipping, AdamW."""
+    """Plain torch: gradients accumulate over ``backward`` calls; ``step`` (once per window)
+    sums them over ranks, clips and updates."""
 
     name = "torch"
 
@@ -214,10 +222,12 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> None:
+        """The accumulation boundary: sum gradients over ranks, clip, update."""
         self._micro += 1
-        if self._micro % self.grad_accum:
-            return
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.info.world_size > 1:
             for p in params:

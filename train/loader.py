@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mvshards.schema import SampleMeta
 from mvshards.tario import split_member_name
-from mvtrain.adapters import Adapter, load_sample
+from mvtrain.adapters import Adapter, LoadedSample, load_sample
 from mvtrain.plan import RankPlan
 
 log = logging.getLogger("mvtrain.loader")
@@ -75,6 +75,8 @@ class MicroBatch:
     num_label_tokens: int
     has_images: bool
     length_mismatches: list[str]
+    samples: list[LoadedSample]
+    """The loaded samples, kept so an OOM can split the micro-batch and re-collate."""
 
 
 class PlannedBatches(IterableDataset):
@@ -118,24 +120,36 @@ class PlannedBatches(IterableDataset):
                     f"{cost.key}: planned {cost.tokens} tokens, tokenized {len(loaded.tokenized)}"
                 )
             samples.append(loaded)
-        inputs = self.adapter.collate(samples)
-        lengths = [len(s.tokenized) for s in samples]
-        patches = [sum(r * c for r, c in s.tgt_sizes) for s in samples]
-        padded_tokens, padded_patches = self.adapter.padded_cost(samples)
-        return MicroBatch(
-            position=position,
-            keys=[c.key for c in planned.samples],
-            weight=float(planned.weight),
-            inputs=inputs,
-            max_len=max(lengths),
-            real_tokens=sum(lengths),
-            padded_tokens=padded_tokens,
-            real_patches=sum(patches),
-            padded_patches=padded_patches,
-            num_label_tokens=self.adapter.label_count(inputs) if planned.weight else 0,
-            has_images=any(patches),
-            length_mismatches=mismatches,
-        )
+        return make_micro_batch(position, samples, float(planned.weight), self.adapter, mismatches)
+
+
+def make_micro_batch(
+    position: int,
+    samples: list[LoadedSample],
+    weight: float,
+    adapter: Adapter,
+    length_mismatches: list[str] | None = None,
+) -> MicroBatch:
+    """Collate loaded samples into a :class:`MicroBatch` with its real and padded costs."""
+    inputs = adapter.collate(samples)
+    lengths = [len(s.tokenized) for s in samples]
+    patches = [sum(r * c for r, c in s.tgt_sizes) for s in samples]
+    padded_tokens, padded_patches = adapter.padded_cost(samples)
+    return MicroBatch(
+        position=position,
+        keys=[s.meta.key for s in samples],
+        weight=weight,
+        inputs=inputs,
+        max_len=max(lengths),
+        real_tokens=sum(lengths),
+        padded_tokens=padded_tokens,
+        real_patches=sum(patches),
+        padded_patches=padded_patches,
+        num_label_tokens=adapter.label_count(inputs) if weight else 0,
+        has_images=any(patches),
+        length_mismatches=length_mismatches or [],
+        samples=samples,
+    )
 
 
 def _json(members: dict[str, bytes], key: str) -> Any:

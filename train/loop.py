@@ -29,11 +29,12 @@ from mvtrain.checkpoint import TrainState, load_checkpoint, newest_checkpoint, s
 from mvtrain.distributed import DistInfo, all_reduce_sum, barrier, device_for, dist_info
 from mvtrain.engine import deepspeed_available, init_process_group, load_user_config, make_engine
 from mvtrain.lengths import exact_lengths
-from mvtrain.loader import PlannedBatches, batch_iterator, to_device
+from mvtrain.loader import PlannedBatches, batch_iterator
 from mvtrain.metrics import BatchLog, Efficiency, Scalars
 from mvtrain.model_setup import build_model, load_tokenizer_only, parameter_counts
 from mvtrain.plan import PlanIndex, RankPlan, all_rank_plans, equal_step_plans, plan_report
 from mvtrain.run_config import RunConfig
+from mvtrain.step import LiveBudgets, run_window
 
 log = logging.getLogger("mvtrain")
 
@@ -98,6 +99,13 @@ def _plan_epochs(
             total -= trimmed[-1]
         steps = trimmed
     return EpochPlans(steps, plans, reports)
+
+
+def _record_event(output: Path, state: TrainState, event: dict[str, Any]) -> None:
+    """Keep an OOM event in the checkpointed state and in OUT/events.jsonl."""
+    state.events.append(event)
+    with open(output / "events.jsonl", "a") as handle:
+        handle.write(json.dumps(event) + "\n")
 
 
 def _inject_fault(step: int) -> None:
@@ -181,6 +189,7 @@ def run(config: RunConfig) -> RunResult:
             if found is not None:
                 state = load_checkpoint(output, found[1], engine, info)
 
+    budgets = LiveBudgets(tokens=state.budgets["tokens"], patches=state.budgets["patches"])
     result = RunResult(steps_done=state.step, output=output)
     result.oversize = sum(len(p.oversize) for p in epochs.plans.values())
     efficiency = Efficiency(config.token_budget, config.patch_budget)
@@ -230,7 +239,25 @@ def run(config: RunConfig) -> RunResult:
             for _ in range(in_epoch, epochs.steps[epoch]):
                 window = [next(stream) for _ in range(config.grad_accum)]
                 started = time.perf_counter()
-                loss = _one_step(window, engine, adapter, info, device, step, batch_log, efficiency)
+                for batch in window:
+                    efficiency.add(batch)
+                loss = None
+                if engine is None:
+                    _dry_window(window, info, step, batch_log)
+                else:
+                    outcome = run_window(
+                        window,
+                        engine,
+                        adapter,
+                        info,
+                        device,
+                        budgets,
+                        step,
+                        batch_log,
+                        on_event=lambda event: _record_event(output, state, event),
+                    )
+                    loss = outcome.loss
+                    state.budgets = budgets.as_dict()
                 elapsed = time.perf_counter() - started
                 step += 1
                 state.step = step
@@ -295,36 +322,6 @@ def parameter_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _one_step(
-    window: list[Any],
-    engine: Any,
-    adapter: Any,
-    info: DistInfo,
-    device: torch.device,
-    step: int,
-    batch_log: BatchLog,
-    efficiency: Efficiency,
-) -> float | None:
-    """Forward/backward every micro-batch of one optimizer step; the step's global loss."""
-    for batch in window:
-        efficiency.add(batch)
-    if engine is None:  # dry run: the data path only
-        for micro, batch in enumerate(window):
-            batch_log.write(info.rank, step, micro, batch, None)
-        return None
-    label_tokens = all_reduce_sum(sum(b.num_label_tokens for b in window), device)
-    denominator = max(label_tokens, 1.0)
-    loss_sum_local = 0.0
+def _dry_window(window: list[Any], info: DistInfo, step: int, batch_log: BatchLog) -> None:
     for micro, batch in enumerate(window):
-        inputs = to_device(batch.inputs, device)
-        loss_sum, count = adapter.forward_loss(engine, inputs)
-        if batch.weight == 0:
-            loss_sum = loss_sum * 0.0
-        engine.backward(loss_sum / denominator)
-        engine.step()
-        value = float(loss_sum.detach())
-        loss_sum_local += value
-        batch_log.write(
-            info.rank, step, micro, batch, value / count if count and batch.weight else None
-        )
-    return all_reduce_sum(loss_sum_local, device) / denominator
+        batch_log.write(info.rank, step, micro, batch, None)

@@ -1,0 +1,119 @@
+"""OOM recovery with the real exception type injected at a cost threshold, 1 and 2 ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_run import _digests, _env, _losses, _train
+
+pytest.importorskip("deepspeed")
+
+THRESHOLD = 500  # padded tokens; the plan (budget 1024) has micro-batches above it
+
+
+def _events(out: Path) -> list[dict]:
+    path = out / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _batches(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "batches.jsonl").read_text().splitlines()]
+
+
+def _saved_budgets(out: Path, rank: int = 0) -> dict[str, int]:
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    state = torch.load(ckpts[-1] / f"rank-{rank}.pt", map_location="cpu", weights_only=False)
+    return state["budgets"]
+
+
+def _planned_keys(shards: Path, out: Path) -> list[str]:
+    dry = out.parent / (out.name + "-dry")
+    _train(shards, dry, "--dry-run", "--max-steps", "4", "--batch-log", str(dry / "b.jsonl"))
+    lines = [json.loads(x) for x in (dry / "b.jsonl").read_text().splitlines()]
+    return sorted(k for line in lines if line["weight"] > 0 for k in line["keys"])
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_forward_oom_splits_lowers_budgets_and_trains_everything(
+    shards: Path, tmp_path: Path, engine: str
+) -> None:
+    out = tmp_path / "run"
+    _train(
+        shards,
+        out,
+        "--engine",
+        engine,
+        "--max-steps",
+        "4",
+        "--batch-log",
+        str(out / "batches.jsonl"),
+        env=_env(MVTRAIN_FAULT=f"oom-forward:{THRESHOLD}"),
+    )
+    events = _events(out)
+    assert events and all(e["phase"] == "forward" for e in events)
+    budgets = _saved_budgets(out)
+    assert budgets["tokens"] <= THRESHOLD, budgets
+    batches = _batches(out)
+    assert all(b["padded_tokens"] <= THRESHOLD for b in batches)
+    trained = sorted(k for b in batches if b["weight"] > 0 for k in b["keys"])
+    assert trained == _planned_keys(shards, out), "a split lost or duplicated samples"
+    assert all(torch.isfinite(torch.tensor(v)) for v in _losses(out).values())
+
+
+def test_an_oom_on_one_rank_does_not_hang_the_other(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train(
+        shards,
+        out,
+        "--nproc-per-node",
+        "2",
+        "--max-steps",
+        "3",
+        "--batch-log",
+        str(out / "batches.jsonl"),
+        env=_env(MVTRAIN_FAULT=f"oom-forward-rank1:{THRESHOLD}"),
+    )
+    assert {e["rank"] for e in _events(out)} == {1}
+    assert _saved_budgets(out, 0) == _saved_budgets(out, 1)
+    assert _saved_budgets(out, 0)["tokens"] <= THRESHOLD
+    assert len(_digests(out)) == 1
+    batches = _batches(out)
+    rounds = {r: sum(1 for b in batches if b["rank"] == r) for r in (0, 1)}
+    assert rounds[1] >= rounds[0], "rank 1 ran its split pieces"
+
+
+def test_backward_oom_replays_the_window_with_the_torch_engine(shards: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    _train(
+        shards,
+        out,
+        "--engine",
+        "torch",
+        "--max-steps",
+        "3",
+        "--batch-log",
+        str(out / "batches.jsonl"),
+        env=_env(MVTRAIN_FAULT=f"oom-backward:{THRESHOLD}"),
+    )
+    events = _events(out)
+    assert events and events[0]["phase"] == "backward" and events[0]["action"] == "replay window"
+    assert _saved_budgets(out)["tokens"] <= THRESHOLD
+
+
+def test_backward_oom_under_deepspeed_stops_with_the_budgets_to_restart_from(
+    shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = _train(
+        shards,
+        out,
+        "--max-steps",
+        "3",
+        env=_env(MVTRAIN_FAULT=f"oom-backward:{THRESHOLD}"),
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "--resume --token-budget" in proc.stderr + proc.stdout
