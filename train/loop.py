@@ -34,7 +34,7 @@ from mvtrain.metrics import BatchLog, Efficiency, Scalars
 from mvtrain.model_setup import build_model, load_tokenizer_only, parameter_counts
 from mvtrain.plan import PlanIndex, RankPlan, all_rank_plans, equal_step_plans, plan_report
 from mvtrain.run_config import RunConfig
-from mvtrain.step import LiveBudgets, run_window
+from mvtrain.step import LiveBudgets, WindowRunner
 
 log = logging.getLogger("mvtrain")
 
@@ -194,6 +194,14 @@ def run(config: RunConfig) -> RunResult:
     result.oversize = sum(len(p.oversize) for p in epochs.plans.values())
     efficiency = Efficiency(config.token_budget, config.patch_budget)
     batch_log = BatchLog(config.batch_log)
+    runner = WindowRunner(
+        engine,
+        adapter,
+        info,
+        device,
+        batch_log,
+        on_event=lambda event: _record_event(output, state, event),
+    )
     scalars = Scalars(output / "tensorboard" if info.is_main and config.tensorboard else None)
     metrics_file = output / "metrics.jsonl"
     bar = tqdm(
@@ -245,17 +253,7 @@ def run(config: RunConfig) -> RunResult:
                 if engine is None:
                     _dry_window(window, info, step, batch_log)
                 else:
-                    outcome = run_window(
-                        window,
-                        engine,
-                        adapter,
-                        info,
-                        device,
-                        budgets,
-                        step,
-                        batch_log,
-                        on_event=lambda event: _record_event(output, state, event),
-                    )
+                    outcome = runner.run(window, budgets, step)
                     loss = outcome.loss
                     state.budgets = budgets.as_dict()
                 elapsed = time.perf_counter() - started

@@ -96,181 +96,140 @@ def split_to_fit(batch: MicroBatch, budgets: LiveBudgets, adapter: Adapter) -> l
     return pieces
 
 
-def _lowered(
-    budgets: LiveBudgets, failed: MicroBatch | None, factor: float, device: torch.device
-) -> LiveBudgets:
-    """The budgets every rank agrees on after an OOM: the smallest proposal of any rank."""
-    tokens, patches = budgets.tokens, budgets.patches
-    if failed is not None:
-        tokens = int(min(tokens, failed.padded_tokens) * factor)
-        if failed.padded_patches:
-            patches = int(min(patches, failed.padded_patches) * factor)
-    return LiveBudgets(
-        tokens=max(1, int(all_reduce_min(tokens, device))),
-        patches=max(1, int(all_reduce_min(patches, device))),
-    )
+@dataclass
+class WindowRunner:
+    """Runs windows for one rank: the engine, the adapter and where to report."""
 
+    engine: Any
+    adapter: Adapter
+    info: DistInfo
+    device: torch.device
+    batch_log: BatchLog
+    factor: float = 0.75
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None
 
-def run_window(
-    window: list[MicroBatch],
-    engine: Any,
-    adapter: Adapter,
-    info: DistInfo,
-    device: torch.device,
-    budgets: LiveBudgets,
-    step: int,
-    batch_log: BatchLog,
-    factor: float = 0.75,
-    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-) -> WindowResult:
-    """Forward/backward every micro-batch of the window, then one optimizer step.
+    def run(self, window: list[MicroBatch], budgets: LiveBudgets, step: int) -> WindowResult:
+        """Forward/backward every micro-batch of the window, then one optimizer step.
 
-    ``budgets`` is updated in place when an OOM lowers them.
-    """
-    label_tokens = all_reduce_sum(sum(b.num_label_tokens for b in window), device)
-    denominator = max(label_tokens, 1.0)
-    events: list[dict[str, Any]] = []
-    for _attempt in range(16):
-        queue = [piece for batch in window for piece in split_to_fit(batch, budgets, adapter)]
-        loss = _run_queue(
-            queue,
-            engine,
-            adapter,
-            info,
-            device,
-            budgets,
-            step,
-            batch_log,
-            denominator,
-            factor,
-            events,
-            on_event,
-        )
-        if loss is not None:
-            engine.step()
-            return WindowResult(loss=all_reduce_sum(loss, device) / denominator, events=events)
-        engine.zero_grad()
-    raise RuntimeError(f"step {step}: out of memory 16 times in a row; budgets now {budgets}")
+        ``budgets`` is updated in place when an OOM lowers them.
+        """
+        label_tokens = all_reduce_sum(sum(b.num_label_tokens for b in window), self.device)
+        denominator = max(label_tokens, 1.0)
+        events: list[dict[str, Any]] = []
+        for _attempt in range(16):
+            queue = [p for b in window for p in split_to_fit(b, budgets, self.adapter)]
+            loss = self._run_queue(queue, budgets, step, denominator, events)
+            if loss is not None:
+                self.engine.step()
+                total = all_reduce_sum(loss, self.device) / denominator
+                return WindowResult(loss=total, events=events)
+            self.engine.zero_grad()
+        raise RuntimeError(f"step {step}: out of memory 16 times in a row; budgets now {budgets}")
 
-
-def _event(events: list, on_event: Callable, **fields: Any) -> None:
-    events.append(fields)
-    on_event(fields)
-    log.warning("out of memory: %s", fields)
-
-
-def _run_queue(
-    queue: list[MicroBatch],
-    engine: Any,
-    adapter: Adapter,
-    info: DistInfo,
-    device: torch.device,
-    budgets: LiveBudgets,
-    step: int,
-    batch_log: BatchLog,
-    denominator: float,
-    factor: float,
-    events: list,
-    on_event: Callable,
-) -> float | None:
-    """Run the queue in rounds all ranks share; None when a backward OOM needs a replay."""
-    loss_total = 0.0
-    i = 0
-    micro = 0
-    while all_reduce_max(1 if i < len(queue) else 0, device):
-        active = i < len(queue)
-        batch = queue[i] if active else dataclasses.replace(queue[-1], weight=0.0)
-        loss_sum = None
-        try:
-            if _fault(batch, "forward", info.rank):
-                raise torch.OutOfMemoryError(
-                    f"injected forward OOM at {batch.padded_tokens} tokens"
-                )
-            loss_sum, count = adapter.forward_loss(engine, to_device(batch.inputs, device))
-            oom = False
-        except torch.OutOfMemoryError:
-            oom, loss_sum = True, None
-            _free_memory()
-        if all_reduce_max(1 if oom else 0, device):
-            loss_sum = None
-            _free_memory()
-            old = budgets.as_dict()
-            new = _lowered(budgets, batch if oom else None, factor, device)
-            budgets.tokens, budgets.patches = new.tokens, new.patches
-            if oom and active:
-                pieces = split_to_fit(batch, budgets, adapter)
-                if len(pieces) == 1:  # one sample that does not fit even alone: skip it
-                    _event(
-                        events,
-                        on_event,
-                        step=step,
-                        rank=info.rank,
-                        phase="forward",
-                        action="skipped sample",
-                        keys=batch.keys,
-                        budgets=budgets.as_dict(),
-                    )
-                    queue[i : i + 1] = []
-                    continue
-                queue[i : i + 1] = pieces
-            if oom:
-                _event(
-                    events,
-                    on_event,
-                    step=step,
-                    rank=info.rank,
-                    phase="forward",
-                    action="split and lowered budgets",
-                    keys=batch.keys,
-                    padded_tokens=batch.padded_tokens,
-                    padded_patches=batch.padded_patches,
-                    old_budgets=old,
-                    budgets=budgets.as_dict(),
-                )
-            continue
-        assert loss_sum is not None
-        if batch.weight == 0:
-            loss_sum = loss_sum * 0.0
-        try:
-            if _fault(batch, "backward", info.rank):
-                loss_sum.register_hook(_raise_oom)
-            engine.backward(loss_sum / denominator)
-            boom = False
-        except torch.OutOfMemoryError:
-            boom = True
-            _free_memory()
-        if all_reduce_max(1 if boom else 0, device):
-            old = budgets.as_dict()
-            new = _lowered(budgets, batch if boom else None, factor, device)
-            budgets.tokens, budgets.patches = new.tokens, new.patches
-            if boom:
-                _event(
-                    events,
-                    on_event,
-                    step=step,
-                    rank=info.rank,
-                    phase="backward",
-                    action="replay window",
-                    keys=batch.keys,
-                    old_budgets=old,
-                    budgets=budgets.as_dict(),
-                )
-            if getattr(engine, "name", "") == "deepspeed":
-                raise BackwardOomError(
-                    f"out of memory in backward at step {step} under DeepSpeed ZeRO-2, whose "
-                    "gradients are already reduced into partitions; restart with --resume "
-                    f"--token-budget {budgets.tokens} --patch-budget {budgets.patches}"
-                )
+    def _agree_on_oom(
+        self, failed_here: bool, batch: MicroBatch, budgets: LiveBudgets
+    ) -> dict[str, int] | None:
+        """All ranks learn whether any of them ran out of memory; if so, every rank lowers
+        ``budgets`` to the smallest proposal and gets the budgets before the change."""
+        if not all_reduce_max(1 if failed_here else 0, self.device):
             return None
-        value = float(loss_sum.detach())
-        if active:
-            loss_total += value
-            batch_log.write(
-                info.rank, step, micro, batch, value / count if count and batch.weight else None
-            )
-            i += 1
-        micro += 1
-    return loss_total
+        _free_memory()
+        old = budgets.as_dict()
+        tokens, patches = budgets.tokens, budgets.patches
+        if failed_here:
+            tokens = int(min(tokens, batch.padded_tokens) * self.factor)
+            if batch.padded_patches:
+                patches = int(min(patches, batch.padded_patches) * self.factor)
+        budgets.tokens = max(1, int(all_reduce_min(tokens, self.device)))
+        budgets.patches = max(1, int(all_reduce_min(patches, self.device)))
+        return old
+
+    def _event(
+        self,
+        events: list,
+        step: int,
+        phase: str,
+        action: str,
+        batch: MicroBatch,
+        old: dict[str, int],
+        budgets: LiveBudgets,
+    ) -> None:
+        event = {
+            "step": step,
+            "rank": self.info.rank,
+            "phase": phase,
+            "action": action,
+            "keys": batch.keys,
+            "padded_tokens": batch.padded_tokens,
+            "padded_patches": batch.padded_patches,
+            "old_budgets": old,
+            "budgets": budgets.as_dict(),
+        }
+        events.append(event)
+        self.on_event(event)
+        log.warning("out of memory: %s", event)
+
+    def _run_queue(
+        self,
+        queue: list[MicroBatch],
+        budgets: LiveBudgets,
+        step: int,
+        denominator: float,
+        events: list,
+    ) -> float | None:
+        """Run the queue in rounds all ranks share; None when a backward OOM needs a replay."""
+        rank, device = self.info.rank, self.device
+        loss_total, i, micro = 0.0, 0, 0
+        while all_reduce_max(1 if i < len(queue) else 0, device):
+            active = i < len(queue)
+            batch = queue[i] if active else dataclasses.replace(queue[-1], weight=0.0)
+            loss_sum, count, oom = None, 0, False
+            try:
+                if _fault(batch, "forward", rank):
+                    raise torch.OutOfMemoryError(f"injected OOM at {batch.padded_tokens} tokens")
+                inputs = to_device(batch.inputs, device)
+                loss_sum, count = self.adapter.forward_loss(self.engine, inputs)
+            except torch.OutOfMemoryError:
+                oom = True
+            old = self._agree_on_oom(oom, batch, budgets)
+            if old is not None:
+                loss_sum = None
+                if oom and active:
+                    pieces = split_to_fit(batch, budgets, self.adapter)
+                    skip = len(pieces) == 1  # one sample that does not fit even alone
+                    queue[i : i + 1] = [] if skip else pieces
+                    action = "skipped sample" if skip else "split and lowered budgets"
+                    self._event(events, step, "forward", action, batch, old, budgets)
+                continue
+            assert loss_sum is not None
+            if batch.weight == 0:
+                loss_sum = loss_sum * 0.0
+            boom = False
+            try:
+                if _fault(batch, "backward", rank):
+                    loss_sum.register_hook(_raise_oom)
+                self.engine.backward(loss_sum / denominator)
+            except torch.OutOfMemoryError:
+                boom = True
+            old = self._agree_on_oom(boom, batch, budgets)
+            if old is not None:
+                if boom:
+                    self._event(events, step, "backward", "replay window", batch, old, budgets)
+                if getattr(self.engine, "name", "") == "deepspeed":
+                    raise BackwardOomError(
+                        f"out of memory in backward at step {step} under DeepSpeed ZeRO-2, "
+                        "whose gradients are already reduced into partitions; restart with "
+                        f"--resume --token-budget {budgets.tokens} --patch-budget {budgets.patches}"
+                    )
+                return None
+            value = float(loss_sum.detach())
+            if active:
+                loss_total += value
+                per_token = value / count if count and batch.weight else None
+                self.batch_log.write(rank, step, micro, batch, per_token)
+                i += 1
+            micro += 1
+        return loss_total
 
 
 def _raise_oom(grad: torch.Tensor) -> torch.Tensor:
