@@ -5,33 +5,48 @@ entry exists, and the shard's size and sha256 match the entry (the entry is writ
 the shard is renamed into place). Anything else is redone from scratch, and because a unit's
 bytes depend only on its records and the options, a re-run after ``kill -9`` at any moment
 produces the same shards as an uninterrupted build.
+
+Runners (``runner=``): ``"local"`` (:class:`mvprep.pool.UnitPool`, worker processes on this
+machine) or ``"ray"`` (:class:`mvprep.runners.ray_runner.RayRunner`, a local Ray or a
+cluster). ``part=`` restricts a run to one share of the units (:mod:`mvprep.partition`);
+a part never writes the dataset files, ``mvprep merge`` (:mod:`mvprep.merge`) does, with
+:func:`finish_dataset`, the same function a whole build ends with.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from mvprep.imaging import extension_for
 from mvprep.options import BuildOptions
+from mvprep.partition import Part, write_marker
 from mvprep.pool import RetryPolicy, UnitPool
 from mvprep.readers import open_dataset
 from mvprep.unit import WORKER_DIED, UnitSpec, plan_units, run_unit
 from mvshards.hf import write_dataset_card
 from mvshards.index import (
+    BUILD_FILE,
+    INDEX_DIR,
+    UNIT_DIGITS,
+    IndexMismatchError,
     ShardEntry,
     check_build_params,
     read_entry,
     shard_name,
-    write_build_params,
     write_manifest,
     write_rejects,
 )
-from mvshards.tario import sha256_file
+from mvshards.tario import fsync_dir, sha256_file, write_atomic
 
 
 @dataclass
@@ -65,11 +80,75 @@ def unit_is_finished(out: Path, spec: UnitSpec) -> ShardEntry | None:
     return entry
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Drop ``*.tmp`` files a killed build left behind (never visible as shards)."""
-    for pattern in ("*.tmp", "index/*.tmp"):
-        for path in out.glob(pattern):
-            path.unlink(missing_ok=True)
+def remove_stale_temporaries(out: Path, units: Iterable[int] | None = None) -> None:
+    """Drop ``*.tmp`` files a killed build left behind (never visible as shards).
+
+    With ``units``, only those units' temporaries (shard, entry, attempt journal): other
+    parts may be writing theirs into the same folder right now.
+    """
+    if units is None:
+        for pattern in ("*.tmp", "index/*.tmp"):
+            for path in out.glob(pattern):
+                path.unlink(missing_ok=True)
+        return
+    wanted = {f"{u:0{UNIT_DIGITS}d}" for u in units}
+    for folder in (out, out / INDEX_DIR):
+        with os.scandir(folder) as it:
+            for item in it:
+                name = item.name
+                if name.endswith(".tmp") and name.partition(".")[0] in wanted:
+                    Path(item.path).unlink(missing_ok=True)
+
+
+def claim_build_params(out: Path, params: dict[str, Any]) -> None:
+    """Write ``OUT/build.json`` if absent, else check it against ``params``; safe to race.
+
+    Parts started at the same time on several machines all call this: the file is made
+    whole under a unique name and hard-linked into place (atomic create-if-absent, also on
+    NFS), so exactly one writer wins and the others compare with what it wrote
+    (:class:`mvshards.index.IndexMismatchError` when the options differ).
+    """
+    if check_build_params(out, params):
+        return
+    final = Path(out) / BUILD_FILE
+    tmp = final.with_name(f".{BUILD_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.claim")
+    body = json.loads(json.dumps(params, sort_keys=True))
+    write_atomic(tmp, json.dumps(body, ensure_ascii=False, sort_keys=True, indent=2).encode())
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here (some FUSE/SMB mounts): exclusive create instead
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(Path(out))
+    for _ in range(50):  # the exclusive-create fallback may show a half-written file briefly
+        try:
+            check_build_params(out, params)
+            return
+        except IndexMismatchError as exc:
+            if "unreadable" not in str(exc):
+                raise
+            time.sleep(0.1)
+    check_build_params(out, params)
+
+
+def finish_dataset(
+    out: Path, params: dict[str, Any], entries: list[ShardEntry], image_format: str
+) -> dict[str, Any]:
+    """Write ``rejects.jsonl``, ``manifest.json`` and the HF dataset card for a complete set
+    of unit entries; return the manifest. A whole build and ``mvprep merge`` both end here,
+    so their files are byte-identical."""
+    entries = sorted(entries, key=lambda e: e.unit)
+    write_rejects(out, entries)
+    manifest = write_manifest(out, params, entries, extra={})
+    max_images = manifest["totals"]["max_images_per_sample"]
+    write_dataset_card(out, max_images, extension_for(image_format))
+    return manifest
 
 
 def build(
@@ -79,26 +158,37 @@ def build(
     policy: RetryPolicy | None = None,
     units: Iterable[int] | None = None,
     write_dataset_files: bool = True,
+    runner: str = "local",
+    ray_address: str | None = None,
+    part: Part | None = None,
 ) -> BuildResult:
     """Build (or finish building) the shards for ``options``; return what happened.
 
-    ``units`` restricts the run to some unit numbers (used by partial runners);
-    ``write_dataset_files`` writes ``manifest.json`` and ``rejects.jsonl`` when every unit
-    of the dataset is finished.
+    ``units`` restricts the run to some unit numbers; ``part`` to one part's share (and
+    writes ``OUT/parts/`` markers). ``write_dataset_files`` writes ``manifest.json``,
+    ``rejects.jsonl`` and the dataset card when every unit of the dataset is finished (never
+    for a part: ``mvprep merge`` does that). ``runner`` is ``"local"`` (``workers``
+    processes) or ``"ray"`` (``ray_address``, or a local Ray with ``workers`` CPUs).
     """
     started = time.perf_counter()
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "index").mkdir(exist_ok=True)
+    (out / INDEX_DIR).mkdir(exist_ok=True)
     params = options.params()
-    check_build_params(out, params)
-    write_build_params(out, params)
-    remove_stale_temporaries(out)
+    claim_build_params(out, params)
 
     source = open_dataset(Path(options.data_path))
     all_specs = plan_units(source.num_records, options.samples_per_shard)
     wanted = set(units) if units is not None else None
-    specs = [s for s in all_specs if wanted is None or s.unit in wanted]
+    specs = [
+        s
+        for s in all_specs
+        if (wanted is None or s.unit in wanted) and (part is None or part.owns(s.unit))
+    ]
+    partial = wanted is not None or part is not None
+    remove_stale_temporaries(out, [s.unit for s in specs] if partial else None)
+    if part is not None:
+        write_marker(out, part, "running", source.num_records, len(all_specs))
 
     finished: dict[int, ShardEntry] = {}
     todo: list[UnitSpec] = []
@@ -135,15 +225,19 @@ def build(
         result.worker_deaths.append(why)
         bar.write(f"mvprep: {why}; retrying")
 
-    pool = UnitPool(
-        workers,
-        run_unit,
-        args=(options,),
-        policy=policy,
-        on_image=on_image,
-        on_record_done=lambda: bar.update(1),
-        on_death=on_death,
-    )
+    callbacks = {
+        "on_image": on_image,
+        "on_record_done": lambda: bar.update(1),
+        "on_death": on_death,
+    }
+    if runner == "local":
+        pool: Any = UnitPool(workers, run_unit, args=(options,), policy=policy, **callbacks)
+    elif runner == "ray":
+        from mvprep.runners.ray_runner import RayRunner  # Ray is optional: import it lazily
+
+        pool = RayRunner(workers, options, policy=policy, address=ray_address, **callbacks)
+    else:
+        raise ValueError(f"unknown runner {runner!r}; use 'local' or 'ray'")
     try:
         for outcome in pool.run(todo):
             unit = outcome.spec.unit
@@ -164,11 +258,12 @@ def build(
     result.entries = [finished[u] for u in sorted(finished)]
     result.images_this_run = images
     complete = len(finished) == len(all_specs)
-    if write_dataset_files and complete and not result.failed_units:
-        write_rejects(out, result.entries)
-        manifest = write_manifest(out, params, result.entries, extra={})
-        max_images = manifest["totals"]["max_images_per_sample"]
-        write_dataset_card(out, max_images, extension_for(options.image_format))
+    if write_dataset_files and part is None and complete and not result.failed_units:
+        finish_dataset(out, params, result.entries, options.image_format)
+    if part is not None:
+        state = "failed" if result.failed_units else "done"
+        failed = list(result.failed_units)
+        write_marker(out, part, state, source.num_records, len(all_specs), failed)
     result.wall_seconds = time.perf_counter() - started
     return result
 

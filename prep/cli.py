@@ -75,6 +75,27 @@ def main() -> None:
     default=None,
     help="Kill a unit's worker after this many seconds (counted as a worker death).",
 )
+@click.option(
+    "--runner",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: --workers processes here; ray: Ray tasks (pip install 'mvkit[ray]').",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster to use with --runner ray (e.g. auto, ray://head:10001); "
+    "default: start a local Ray with --workers CPUs.",
+)
+@click.option(
+    "--part",
+    "part_text",
+    default=None,
+    metavar="I/N",
+    help="Build only part I of N (1-based; units u with u % N == I-1), e.g. one Slurm array "
+    "task: --part $SLURM_ARRAY_TASK_ID/N. Then run mvprep merge OUT.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build_command(
     data: Path,
@@ -92,13 +113,20 @@ def build_command(
     allow_outside_root: bool,
     image_id_form: str | None,
     unit_timeout: float | None,
+    runner: str,
+    ray_address: str | None,
+    part_text: str | None,
     no_progress: bool,
 ) -> None:
     """Build shards from DATA (MiniCPM-V JSON/JSONL or LLaVA-style)."""
     from mvprep.build import build
     from mvprep.options import BuildOptions
+    from mvprep.partition import parse_part
     from mvprep.pool import RetryPolicy
+    from mvprep.readers import DatasetError
+    from mvprep.runners.ray_runner import RayUnavailableError  # does not import ray
     from mvprep.summary import format_summary
+    from mvshards.index import DatasetIndexError
 
     if max_res is None and max_slice_nums is None:
         max_res = 1344
@@ -118,20 +146,53 @@ def build_command(
             allow_outside_root=allow_outside_root,
             image_id_form=image_id_form,  # type: ignore[arg-type]
         )
+        part = parse_part(part_text) if part_text is not None else None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    result = build(
-        options,
-        workers=workers,
-        progress=not no_progress,
-        policy=RetryPolicy(unit_timeout=unit_timeout),
-    )
+    if ray_address is not None and runner != "ray":
+        raise click.UsageError("--ray-address needs --runner ray")
+    try:
+        result = build(
+            options,
+            workers=workers,
+            progress=not no_progress,
+            policy=RetryPolicy(unit_timeout=unit_timeout),
+            runner=runner,
+            ray_address=ray_address,
+            part=part,
+        )
+    except (DatasetError, DatasetIndexError, RayUnavailableError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except ConnectionError as exc:  # Ray could not reach --ray-address
+        raise click.ClickException(f"--ray-address {ray_address}: {exc}") from None
     click.echo(format_summary(result))
+    if part is not None and result.ok:
+        click.echo(f"part {part} done; when every part is done: mvprep merge {out_dir}")
     if not result.ok:
         click.echo(
             "some units failed; fix the cause above and re-run the same command to finish", err=True
         )
         sys.exit(1)
+
+
+@main.command("merge")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--verify", "verify_hashes", is_flag=True, help="Also re-hash every shard.")
+def merge_command(out_dir: Path, verify_hashes: bool) -> None:
+    """After every --part build into OUT_DIR: check all shards, write manifest and rejects."""
+    from mvprep.merge import merge
+    from mvshards.index import DatasetIndexError
+
+    try:
+        result = merge(out_dir, verify_hashes=verify_hashes)
+    except DatasetIndexError as exc:
+        raise click.ClickException(str(exc)) from None
+    totals = result.manifest["totals"]
+    click.echo(
+        f"merged {totals['shards']} shards of {out_dir}: {totals['samples']} samples, "
+        f"{totals['rejects']} rejects, {totals['bytes'] / 1e9:.3f} GB; wrote manifest.json, "
+        "rejects.jsonl, README.md"
+    )
 
 
 @main.command("layout")
@@ -196,6 +257,102 @@ def verify_command(out_dir: Path) -> None:
     report = verify_dataset(out_dir)
     click.echo(report.format_report())
     sys.exit(0 if report.ok else 1)
+
+
+@main.command("stats")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw token/patch histograms and their 2-D histogram to this PNG.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, not the table.")
+def stats_command(out_dir: Path, png: Path | None, as_json: bool) -> None:
+    """Counts, rejects and percentiles of a built dataset, from its index alone."""
+    from mvprep.stats import dataset_stats, format_stats, load_index_arrays
+    from mvshards.index import DatasetIndexError
+
+    try:
+        arrays = load_index_arrays(out_dir)
+    except DatasetIndexError as exc:
+        raise click.ClickException(str(exc)) from None
+    stats = dataset_stats(arrays)
+    if png is not None:
+        from mvprep.stats_plot import plot_stats
+
+        plot_stats(arrays, stats, png)
+    if as_json:
+        click.echo(json.dumps(stats, indent=1))
+    else:
+        click.echo(format_stats(stats))
+    if png is not None:
+        click.echo(f"wrote {png}", err=as_json)
+
+
+@main.command("inspect")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("key", required=False)
+@click.option("--id", "record_id", default=None, help="Find the sample by its record id.")
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to draw it (default: inspect-KEY.png in the current folder).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Local HF tokenizer folder: its image/slice token strings (default <unk> etc.).",
+)
+@click.option("--full", is_flag=True, help="Print every image token, not [<unk> x N].")
+def inspect_command(
+    out_dir: Path,
+    key: str | None,
+    record_id: str | None,
+    png: Path | None,
+    tokenizer: str | None,
+    full: bool,
+) -> None:
+    """Draw sample KEY (or --id ID) with its slice grid; print the text the model sees.
+
+    Exits 1 when the stored layout has a problem (also drawn in red on the PNG)."""
+    from mvprep.inspect_sample import InspectError, compact_text, inspect_sample
+    from mvshards.index import DatasetIndexError
+
+    tokens = None
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        from mvshards.image_spans import span_tokens
+        from mvshards.index import read_manifest
+        from mvshards.profiles import get_profile
+
+        family = get_profile(read_manifest(out_dir)["params"]["profile"]).family
+        tokens = span_tokens(AutoTokenizer.from_pretrained(tokenizer), family)
+    try:
+        found = inspect_sample(out_dir, key=key, record_id=record_id, tokens=tokens)
+    except (InspectError, DatasetIndexError) as exc:
+        raise click.ClickException(str(exc)) from None
+    png = png if png is not None else Path(f"inspect-{found.meta.key}.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    found.image.save(png)
+    meta = found.meta
+    click.echo(
+        f"sample {meta.key} (id {meta.id!r}) in {found.shard.name}: images {len(meta.images)}, "
+        f"{meta.num_tokens} tokens ({'exact' if meta.token_count_exact else 'estimated'}), "
+        f"{meta.num_patches} patches"
+    )
+    for problem in found.problems:
+        click.echo(f"LAYOUT PROBLEM: {problem}", err=True)
+    click.echo("--- the conversation as the model sees it (before the chat template) ---")
+    for turn in found.turns:
+        text = turn["content"] if full else compact_text(turn["content"], found.query_token)
+        click.echo(f"[{turn['role']}]\n{text}")
+    click.echo(f"--- wrote {png}")
+    if found.problems:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

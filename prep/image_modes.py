@@ -1,6 +1,7 @@
 """Pixel operations behind :mod:`mvprep.imaging` (import them from there): PIL mode -> RGB
 rules, EXIF orientation on arrays, ``resize_rgb`` and ``encode_image``, plus byte-level
-format sniffing and the cheap "is this stream complete?" checks that gate the OpenCV paths.
+format sniffing, JPEG chroma-subsampling names, and the cheap "is this stream complete?"
+checks that gate the OpenCV paths.
 
 Mode rules (the single documented conversion of every PIL mode to 8-bit RGB):
 
@@ -35,6 +36,7 @@ HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"
 
 __all__ = [
     "AA_MIN_SHRINK",
+    "GRAY_MODES",
     "HEIF_BRANDS",
     "JPEG_SUBSAMPLINGS",
     "ORIENTATION_TAG",
@@ -45,6 +47,7 @@ __all__ = [
     "encode_image",
     "extension_for",
     "jpeg_is_complete",
+    "jpeg_subsampling",
     "orient",
     "pil_to_rgb",
     "png_is_complete",
@@ -269,16 +272,20 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int], antialias: bool = True) -
 def resize_oriented(
     pixels: np.ndarray, size: tuple[int, int], orientation: int, antialias: bool = True
 ) -> np.ndarray:
-    """Resize pixels in STORED orientation so that, once EXIF ``orientation`` is applied,
-    they are exactly ``size`` = (w, h); then apply it (:func:`orient`).
+    """``resize_rgb(orient(pixels, orientation), size, antialias)`` for pixels in STORED
+    orientation, computed the cheap way round where that gives the same image.
 
-    Same image as ``resize_rgb(orient(pixels, orientation), size)`` up to integer rounding
-    (+-1-2 levels): the resize is separable and mirror-symmetric, and a rotation or flip only
-    swaps or mirrors its axes. Rotating the small output instead of the large decoded image
-    saves most of the rotation's cost (~2.5 ms per 3 MP decode). ``antialias`` as in
-    :func:`resize_rgb`.
+    When no axis is enlarged, the pixels are resized to the stored orientation's size and
+    the EXIF ``orientation`` is applied to the small result: the same image up to integer
+    rounding (+-2 levels), since the resize is separable and mirror-symmetric and a rotation
+    or flip only swaps or mirrors its axes, and it saves most of the rotation's cost (~2.5 ms
+    per 3 MP decode). OpenCV's ``INTER_AREA`` is not mirror-symmetric on an enlarged axis,
+    so then the (small) input is oriented first.
     """
-    return orient(resize_rgb(pixels, stored_size(size, orientation), antialias), orientation)
+    sw, sh = stored_size(size, orientation)
+    if orientation == 1 or sw > pixels.shape[1] or sh > pixels.shape[0]:
+        return resize_rgb(orient(pixels, orientation), size, antialias)
+    return orient(resize_rgb(pixels, (sw, sh), antialias), orientation)
 
 
 _EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
@@ -307,6 +314,31 @@ JPEG_SUBSAMPLINGS: dict[str, int] = {
 accepts)."""
 
 
+_SAMPLING_NAMES = {
+    (1, 1): "4:4:4",
+    (2, 1): "4:2:2",
+    (2, 2): "4:2:0",
+    (1, 2): "4:4:0",
+    (4, 1): "4:1:1",
+}
+
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+"""PIL modes whose RGB conversion (module rules) is gray: R = G = B, flat chroma."""
+
+
+def jpeg_subsampling(im: Image.Image) -> str | None:
+    """Chroma subsampling (a key of :data:`JPEG_SUBSAMPLINGS`) of an opened YCbCr JPEG, from
+    its frame header (``im.layer``: per component id, h, v, table); None for anything else
+    (other formats, gray or CMYK JPEGs, unusual factors)."""
+    layer = getattr(im, "layer", None)
+    if im.format not in ("JPEG", "MPO") or im.mode != "RGB" or not layer or len(layer) != 3:
+        return None
+    (_, h0, v0, _), (_, h1, v1, _), (_, h2, v2, _) = layer
+    if (h1, v1) != (h2, v2) or h0 % h1 or v0 % v1:
+        return None
+    return _SAMPLING_NAMES.get((h0 // h1, v0 // v1))
+
+
 def encode_image(
     rgb: np.ndarray,
     fmt: str,
@@ -333,13 +365,17 @@ def encode_image(
         )
     configure_cv2()
     if f == "webp":
-        pixels = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(rgb)
+        pixels = np.ascontiguousarray(rgb)
+        if bgr:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
         buf = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(
             buf, "WEBP", lossless=True, method=0, quality=50, exact=True
         )
         return buf.getvalue()
-    pixels = np.ascontiguousarray(rgb) if bgr else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    pixels = np.ascontiguousarray(rgb)
+    if not bgr:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
     if f == "jpeg":
         if not 1 <= quality <= 100:
             raise ValueError(f"JPEG quality must be 1-100, got {quality}")

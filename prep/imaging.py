@@ -4,7 +4,8 @@ The rules, in the order an image meets them:
 
 1. ``read_image_bytes`` reads the whole file (one syscall-sized read; the sha256 and the
    decoder both work from these bytes).
-2. ``probe_image`` parses the header only: format, stored mode, EXIF orientation and size.
+2. ``probe_image`` parses the header only: format, stored mode, EXIF orientation, size and
+   (JPEG) chroma subsampling.
    Formats: JPEG (and MPO, the multi-picture JPEG many phones write), PNG, WebP, GIF (first
    frame), BMP, TIFF (first page), AVIF where Pillow has it, HEIC/HEIF only when
    ``pillow-heif`` is installed (``pip install 'mvkit[heic]'``). The pixel limit
@@ -18,7 +19,11 @@ The rules, in the order an image meets them:
    scale costs ~half of a full decode, and the scaled IDCT is a clean low-pass. 8-bit RGB/gray
    PNGs without transparency also decode through OpenCV (about 2x faster than PIL here).
    Everything else goes through PIL. Mode conversion rules, including the transparency rule
-   (composite over white), are in :mod:`mvprep.image_modes`.
+   (composite over white), are in :mod:`mvprep.image_modes`. ``decode_stored`` is the same
+   decode without the orientation step (and optionally in B-G-R order, what OpenCV's encoders
+   take): the builder resizes in stored orientation and rotates the small outputs
+   (``resize_oriented``), which is cheaper than rotating a 12 MP decode and gives the same
+   image up to rounding.
 4. ``resize_rgb`` does one resize from the decoded image: pixel-area averaging
    (``cv2.INTER_AREA``) when shrinking more than 2x on either axis, where a fixed 4-tap cubic
    would alias (text, fine patterns); otherwise bicubic (``cv2.INTER_CUBIC``), for shrinks
@@ -26,9 +31,11 @@ The rules, in the order an image meets them:
    antialiased bicubic like PIL's (plain cv2 cubic at 1.5-2x shrink is 5-10 dB PSNR worse
    than PIL's bicubic against a Lanczos reference and visibly aliases text). Sizes are
    (width, height) everywhere.
-5. ``encode_image`` writes JPEG (quality 95 default, 4:4:4 chroma: no colour bleeding on
-   text; baseline, standard Huffman tables), PNG (lossless, zlib level 3) or WebP (lossless,
-   fastest effort). No metadata, no timestamps: equal pixels give equal bytes.
+5. ``encode_image`` writes JPEG (quality 95 default; chroma subsampling 4:4:4 unless told
+   otherwise: no colour bleeding on text; baseline, standard Huffman tables), PNG (lossless,
+   zlib level 3) or WebP (lossless, fastest effort). No metadata, no timestamps: equal
+   pixels give equal bytes. ``output_subsampling`` is the builder's choice per input: the
+   input's own for a colour JPEG with subsampled chroma, 4:2:0 for gray, else 4:4:4.
 
 Threads: OpenCV's internal thread pool is set to 1 thread on first use here, since the build
 runs one worker process per core (extra threads only add contention and CPU time). A caller
@@ -53,12 +60,14 @@ from PIL import Image, UnidentifiedImageError
 
 from mvprep.image_modes import (
     AA_MIN_SHRINK,
+    GRAY_MODES,
     JPEG_SUBSAMPLINGS,
     ORIENTATION_TAG,
     configure_cv2,
     encode_image,
     extension_for,
     jpeg_is_complete,
+    jpeg_subsampling,
     orient,
     pil_to_rgb,
     png_is_complete,
@@ -287,32 +296,8 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "
         )
     orientation = _orientation(im)
     return ImageHeader(
-        stored_size((w, h), orientation), fmt, im.mode, orientation, _jpeg_subsampling(im)
+        stored_size((w, h), orientation), fmt, im.mode, orientation, jpeg_subsampling(im)
     )
-
-
-_SAMPLING_NAMES = {
-    (1, 1): "4:4:4",
-    (2, 1): "4:2:2",
-    (2, 2): "4:2:0",
-    (1, 2): "4:4:0",
-    (4, 1): "4:1:1",
-}
-
-
-def _jpeg_subsampling(im: Image.Image) -> str | None:
-    """Chroma subsampling of a YCbCr JPEG from its frame header (``im.layer``: per component
-    id, h, v, table); None for other layouts."""
-    layer = getattr(im, "layer", None)
-    if im.format not in _JPEG_FORMATS or im.mode != "RGB" or not layer or len(layer) != 3:
-        return None
-    (_, h0, v0, _), (_, h1, v1, _), (_, h2, v2, _) = layer
-    if (h1, v1) != (h2, v2) or h0 % h1 or v0 % v1:
-        return None
-    return _SAMPLING_NAMES.get((h0 // h1, v0 // v1))
-
-
-_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 def output_subsampling(header: ImageHeader) -> str:
@@ -324,7 +309,7 @@ def output_subsampling(header: ImageHeader) -> str:
     (PNG screenshots, 4:4:4 JPEGs, palette art: colour edges stay sharp)."""
     if header.subsampling is not None:
         return header.subsampling
-    return "4:2:0" if header.mode in _GRAY_MODES else "4:4:4"
+    return "4:2:0" if header.mode in GRAY_MODES else "4:4:4"
 
 
 def _reduction(header: ImageHeader, min_size: tuple[int, int]) -> int:
@@ -423,7 +408,7 @@ def decode_stored(
             sw, sh = header.size
             orientation = 1
         if bgr:
-            arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR, dst=arr)
+            arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
     dh, dw = arr.shape[:2]
     scale = next((s for s in (1, 2, 4, 8) if (dw, dh) == (-(-sw // s), -(-sh // s))), None)
     if scale is None:

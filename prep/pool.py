@@ -124,6 +124,9 @@ class UnitPool:
         self.fn, self.args = fn, args
         self.policy = policy or RetryPolicy()
         self.on_image, self.on_record_done, self.on_death = on_image, on_record_done, on_death
+        # fork: cheapest, and the build's parent process never runs OpenCV itself. A notebook
+        # that used OpenCV's thread pool before calling build() should call
+        # cv2.setNumThreads(1) first: a forked child can block on a pool thread it lacks.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         self._ctx = mp.get_context(method)
 

@@ -10,10 +10,17 @@ knows how many records there are and yields any range of them, so the work units
   its own lines, so memory and time do not grow with the file. A line that is not valid JSON
   or not an object is yielded as a :class:`RecordError` ("malformed record") at its index;
   the other records keep their positions.
-* JSON (``.json``): a top-level list, parsed whole when the file is opened (and again, once,
-  in each process that unpickles the source). Fine up to a few GB of text; beyond that the
-  way to scale is the same byte-offset index over the list's elements (a streaming scan
-  that records where each top-level element starts), or converting the file to JSONL.
+* JSON (``.json``): a top-level list. Opening streams through the file once (UTF-8 decoded
+  incrementally, each element parsed with ``json.JSONDecoder.raw_decode`` and dropped) and
+  keeps the byte offset where every element starts, plus where the last one ends
+  (``array('q')``, 8 bytes a record); ``read_range`` reads just the bytes of its own
+  elements. Neither opening nor reading holds the whole list in memory, so a JSON list
+  scales like JSONL; a file that is not valid JSON as a whole is still refused at open.
+
+Offsets are kept in memory only, per process, keyed by the file's path, size and mtime
+(:func:`open_dataset` reuses them): a worker process indexes a file once however many units
+it runs, forked workers inherit the parent's index, and other processes can be handed it
+(:func:`share_offsets` / :func:`adopt_offsets`; the Ray runner does this).
 
 Any other extension is sniffed: a file whose first non-blank character is ``[`` is JSON,
 ``{`` is JSONL. Problems that make the whole file unusable (missing, empty, not a list, not
@@ -25,13 +32,20 @@ from __future__ import annotations
 import json
 import os
 from array import array
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
+from mvprep.json_index import JsonListError, index_json_list, read_elements
 from mvprep.records import MALFORMED, RecordError, json_type_name
 
 DatasetFormat = Literal["json", "jsonl"]
+Offsets = array | np.ndarray
+"""``array('q')`` as indexed here, or an int64 numpy view handed over by another process."""
 RawRecord = dict[str, Any] | RecordError
 """What ``read_range`` yields per index: the raw record object, or why it is unreadable."""
 _BOM = b"\xef\xbb\xbf"
@@ -46,13 +60,16 @@ class DatasetSource:
     """An opened dataset file.
 
     ``path`` is the data file, ``root`` its folder (image paths are relative to it),
-    ``num_records`` the number of records, ``format`` ``"json"`` or ``"jsonl"``.
+    ``num_records`` the number of records, ``format`` ``"json"`` or ``"jsonl"``,
+    ``offsets`` the byte offsets of the records (see the subclasses).
     """
 
     path: Path
     root: Path
     num_records: int
     format: DatasetFormat
+    offsets: Offsets
+    _stamp: tuple[int, int]
 
     def read_range(self, start: int, stop: int) -> Iterator[tuple[int, RawRecord]]:
         """Yield ``(index, record)`` for every index in ``[start, stop)`` exactly once, in order.
@@ -73,33 +90,28 @@ class DatasetSource:
 
 
 class JsonListSource(DatasetSource):
-    """A JSON file holding a list of records, parsed whole (see the module docstring)."""
+    """A JSON file holding a list of records, with a byte-offset index of its elements."""
 
     format: DatasetFormat = "json"
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.root = path.absolute().parent
-        self._records: list[Any] | None = _load_json_list(path)
-        self.num_records = len(self._records)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Do not ship the parsed list to worker processes; each one re-reads the file once.
-        state = self.__dict__.copy()
-        state["_records"] = None
-        return state
+        self._stamp = _stamp(path)
+        self.offsets = _cached_offsets(path, self._stamp, "json", _index_json)
+        """``offsets[i]``: byte offset of element ``i``; ``offsets[n]``: end of the last."""
+        self.num_records = len(self.offsets) - 1
 
     def read_range(self, start: int, stop: int) -> Iterator[tuple[int, RawRecord]]:
         start, stop = self._check_range(start, stop)
-        if self._records is None:
-            self._records = _load_json_list(self.path)
-            if len(self._records) != self.num_records:
-                raise DatasetError(
-                    f"{self.path} changed since it was opened ({self.num_records} records, "
-                    f"now {len(self._records)}); do not edit the data file during a build"
-                )
-        for index in range(start, stop):
-            record = self._records[index]
+        if start == stop:
+            return
+        if _stamp(self.path) != self._stamp:
+            raise DatasetError(
+                f"{self.path} changed since it was indexed ({self.num_records} records); do "
+                "not edit the data file during a build (start again to re-index it)"
+            )
+        for index, record in read_elements(self.path, self.offsets, start, stop):
             if isinstance(record, dict):
                 yield index, record
             else:
@@ -115,7 +127,7 @@ class JsonLinesSource(DatasetSource):
         self.path = path
         self.root = path.absolute().parent
         self._stamp = _stamp(path)
-        self.offsets = _index_lines(path)
+        self.offsets = _cached_offsets(path, self._stamp, "jsonl", _index_lines)
         """``offsets[i]``: byte offset of record ``i``'s line; ``array('q')``."""
         self.num_records = len(self.offsets)
 
@@ -172,28 +184,63 @@ def _detect_format(path: Path) -> DatasetFormat:
     )
 
 
-def _load_json_list(path: Path) -> list[Any]:
-    data = path.read_bytes()
-    if not data.strip():
-        raise DatasetError(f"dataset file {path} is empty; it must hold a JSON list of records")
+def _index_json(path: Path) -> array:
     try:
-        obj = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"dataset file {path} is not UTF-8 text: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        hint = ""
-        if exc.msg == "Extra data" and data.lstrip(_BOM + b" \t\r\n")[:1] == b"{":
-            hint = "; it looks like JSON Lines: name it .jsonl"
-        raise DatasetError(
-            f"dataset file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
-            f"{exc.msg}){hint}"
-        ) from exc
-    if not isinstance(obj, list):
-        raise DatasetError(
-            f"dataset file {path} holds a JSON {json_type_name(obj)}, not a list of records; "
-            "wrap the records in [...] (or write one record per line as .jsonl)"
-        )
-    return obj
+        return index_json_list(path)
+    except JsonListError as exc:
+        raise DatasetError(str(exc)) from None
+
+
+_CACHE_SIZE = 2
+_offsets_cache: OrderedDict[tuple[str, str, int, int], Offsets] = OrderedDict()
+"""(format, absolute path, size, mtime_ns) -> offsets; this process's memory only."""
+
+
+@dataclass(frozen=True)
+class SharedOffsets:
+    """A source's offsets in a form another process can adopt without re-indexing (a Ray
+    runner puts it in the object store once; numpy makes the tasks' copies zero-copy)."""
+
+    key: tuple[str, str, int, int]
+    offsets: np.ndarray
+
+
+def share_offsets(source: DatasetSource) -> SharedOffsets:
+    """The offsets of an opened source, for :func:`adopt_offsets` in another process."""
+    key = (source.format, str(source.path.absolute()), *source._stamp)
+    return SharedOffsets(key, np.asarray(source.offsets, dtype=np.int64))
+
+
+def adopt_offsets(shared: SharedOffsets) -> bool:
+    """Use offsets indexed elsewhere for the same file; False (and nothing cached) when the
+    file here is not the one they were made from (other size or mtime)."""
+    fmt, path, size, mtime = shared.key
+    try:
+        if _stamp(Path(path)) != (size, mtime):
+            return False
+    except OSError:
+        return False
+    if shared.key not in _offsets_cache:
+        _offsets_cache[shared.key] = shared.offsets
+        while len(_offsets_cache) > _CACHE_SIZE:
+            _offsets_cache.popitem(last=False)
+    return True
+
+
+def _cached_offsets(
+    path: Path, stamp: tuple[int, int], fmt: str, index: Callable[[Path], array]
+) -> Offsets:
+    """The offsets of ``path`` as of ``stamp``, computed at most once per process and stamp."""
+    key = (fmt, str(path.absolute()), *stamp)
+    offsets = _offsets_cache.get(key)
+    if offsets is None:
+        offsets = index(path)
+        _offsets_cache[key] = offsets
+        while len(_offsets_cache) > _CACHE_SIZE:
+            _offsets_cache.popitem(last=False)
+    else:
+        _offsets_cache.move_to_end(key)
+    return offsets
 
 
 def _index_lines(path: Path) -> array:

@@ -75,17 +75,22 @@ def _naming(path: str) -> Iterator[None]:
         raise ImageError(exc.reason, f"{path}: {exc}") from exc
 
 
-def _render(
-    bgr: np.ndarray,
-    orientation: int,
-    size: tuple[int, int],
-    options: BuildOptions,
-    subsampling: str,
-) -> bytes:
-    """One stored image: a single resize of the decoded B-G-R pixels (stored orientation) to
-    ``size`` after orientation, the EXIF orientation applied to the small result, encoded."""
-    out = resize_oriented(bgr, size, orientation)
-    return encode_image(out, options.image_format, options.quality, subsampling, bgr=True)
+@dataclass(frozen=True)
+class _Render:
+    """Makes the stored images of one decoded image: for each size, one resize of the decoded
+    pixels (stored orientation) to that size after orientation, the EXIF orientation applied
+    to the small result, then the encode."""
+
+    pixels: np.ndarray  # HxWx3 uint8, stored orientation, B-G-R when ``bgr`` else RGB
+    orientation: int  # EXIF orientation still to apply
+    bgr: bool
+    subsampling: str  # JPEG chroma subsampling of the outputs
+    options: BuildOptions
+
+    def __call__(self, size: tuple[int, int]) -> bytes:
+        out = resize_oriented(self.pixels, size, self.orientation)
+        opts = self.options
+        return encode_image(out, opts.image_format, opts.quality, self.subsampling, bgr=self.bgr)
 
 
 def build_sample(
@@ -142,19 +147,20 @@ def build_sample(
                 max(min_size[0], layout.refine_size[0]),
                 max(min_size[1], layout.refine_size[1]),
             )
+        # Pixels stay in stored orientation: each output is resized from the decoded image
+        # and then rotated (cheaper than rotating the big decode). JPEGs decode to B-G-R as
+        # cheaply as to RGB and OpenCV's encoders take B-G-R, so they skip the channel swap;
+        # libpng decodes RGB natively, so PNGs swap once, on the smaller outputs.
+        bgr = p.header.format in ("JPEG", "MPO")
         with _naming(p.path):
-            # stored orientation, B-G-R: each output is resized from the decoded image, then
-            # rotated (cheaper than rotating the big decode), then encoded without a swap
-            pixels, orientation = decode_stored(p.data, p.header, min_size, p.path, bgr=True)
-        subsampling = output_subsampling(p.header)
+            pixels, orientation = decode_stored(p.data, p.header, min_size, p.path, bgr=bgr)
+        render = _Render(pixels, orientation, bgr, output_subsampling(p.header), options)
         src_name = source_member(key, i, ext)
-        members[src_name] = _render(pixels, orientation, layout.source_size, options, subsampling)
+        members[src_name] = render(layout.source_size)
         ref_name = None
         if layout.refine_size is not None:
             ref_name = refine_member(key, i, ext)
-            members[ref_name] = _render(
-                pixels, orientation, layout.refine_size, options, subsampling
-            )
+            members[ref_name] = render(layout.refine_size)
         entries.append(
             ImageEntry(
                 path=p.path,

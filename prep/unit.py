@@ -21,6 +21,7 @@ from mvprep.options import BuildOptions
 from mvprep.readers import open_dataset
 from mvprep.records import RecordError, normalize_record
 from mvprep.sample_builder import SampleTooLongError, build_sample
+from mvprep.stats import IMAGE_TABLE_KEY, add_image_rows, new_image_table
 from mvprep.tokens import make_token_counter
 from mvshards.index import ShardEntry, shard_name, write_entry
 from mvshards.tario import ShardWriter
@@ -103,6 +104,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
     rows: list[list[Any]] = []
     rejects: list[dict[str, Any]] = []
     num_images = image_bytes = 0
+    image_table = new_image_table()  # per image: slices, original size... (mvprep stats)
     with ShardWriter(out / shard_name(spec.unit)) as writer:
         for index, raw in source.read_range(spec.start, spec.stop):
             events.on_record(index)
@@ -128,6 +130,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
                 for name in sorted(sample.members):
                     writer.add(name, sample.members[name])
                 rows.append(sample.meta.index_row())
+                add_image_rows(image_table, sample.meta.images)
                 num_images += sample.num_images
                 image_bytes += sum(
                     len(v) for k, v in sample.members.items() if not k.endswith(".json")
@@ -151,6 +154,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
             "image_bytes": image_bytes,
             "wall_seconds": round(time.perf_counter() - started_wall, 3),
             "cpu_seconds": round(time.process_time() - started_cpu, 3),
+            IMAGE_TABLE_KEY: image_table,
         },
     )
     write_entry(out, entry)

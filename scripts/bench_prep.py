@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="repeats; the lowest CPU counts")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.reps < 1 or args.jpegs == 1 or args.pngs == 1:
+        parser.error("--reps must be >= 1, and a set needs 0 or >= 2 images (one warms up)")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import cv2
@@ -209,8 +211,6 @@ def main(argv: list[str] | None = None) -> None:
         root = args.workdir or Path(tmp)
         print(f"generating {args.jpegs} 12 MP JPEGs and {args.pngs} PNG screenshots in {root} ...")
         sets = make_sets(root, args.jpegs, args.pngs)
-        if args.reps < 1:
-            parser.error("--reps must be >= 1")
         rows = {
             name: bench_set(root, name, paths, args.reps) for name, paths in sets.items() if paths
         }

@@ -25,13 +25,17 @@ from mvprep.image_modes import jpeg_is_complete, stored_size
 from mvprep.imaging import (
     DEFAULT_MAX_PIXELS,
     ERROR_REASONS,
+    JPEG_SUBSAMPLINGS,
     ImageError,
     ImageHeader,
     decode_rgb,
+    decode_stored,
     encode_image,
     extension_for,
+    output_subsampling,
     probe_image,
     read_image_bytes,
+    resize_oriented,
     resize_rgb,
 )
 
@@ -474,6 +478,157 @@ def test_extension_for():
     ]
     with pytest.raises(ValueError):
         extension_for("bmp")
+
+
+# ------------------------------------------------------- stored orientation, BGR, subsampling
+
+
+def sampling_of(jpeg: bytes) -> list[tuple[int, int]]:
+    """Per-component (h, v) sampling factors of an encoded JPEG."""
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return [layer[1:3] for layer in im.layer]
+
+
+SAMPLING_FACTORS = {
+    "4:4:4": [(1, 1)] * 3,
+    "4:2:2": [(2, 1), (1, 1), (1, 1)],
+    "4:2:0": [(2, 2), (1, 1), (1, 1)],
+    "4:4:0": [(1, 2), (1, 1), (1, 1)],
+    "4:1:1": [(4, 1), (1, 1), (1, 1)],
+}
+
+
+@pytest.mark.parametrize("subsampling", list(JPEG_SUBSAMPLINGS))
+def test_jpeg_subsampling_round_trips_through_the_probe(subsampling):
+    rgb = make_photo(96, 64, 30)
+    out = encode_image(rgb, "jpeg", 95, subsampling)
+    assert sampling_of(out) == SAMPLING_FACTORS[subsampling]
+    header = probe_image(out)
+    assert header.subsampling == subsampling
+    assert output_subsampling(header) == subsampling
+    # png and webp ignore it (lossless either way)
+    assert encode_image(rgb, "png", 95, subsampling) == encode_image(rgb, "png")
+
+
+def test_probe_subsampling_of_other_inputs(tmp_path):
+    rgb = make_photo(64, 48, 31)
+    cases = {
+        "pil420.jpg": (lambda p: save_jpeg(p, rgb, subsampling=2), "4:2:0", "4:2:0"),
+        "pil444.jpg": (lambda p: save_jpeg(p, rgb, subsampling=0), "4:4:4", "4:4:4"),
+        "gray.jpg": (lambda p: save_image(p, rgb, "JPEG", mode="L"), None, "4:2:0"),
+        "cmyk.jpg": (lambda p: save_image(p, rgb, "JPEG", mode="CMYK"), None, "4:4:4"),
+        "rgb.png": (lambda p: save_image(p, rgb, "PNG"), None, "4:4:4"),
+        "gray16.png": (lambda p: save_image(p, rgb, "PNG", mode="I;16"), None, "4:2:0"),
+        "pal.gif": (lambda p: save_image(p, rgb, "GIF"), None, "4:4:4"),
+    }
+    for name, (write, stored, chosen) in cases.items():
+        write(tmp_path / name)
+        header = probe_image(read_image_bytes(tmp_path / name))
+        assert (header.subsampling, output_subsampling(header)) == (stored, chosen), name
+
+
+def test_encode_bgr_and_bad_subsampling():
+    rgb = make_screenshot(120, 80, 32)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    for fmt in ("jpeg", "png", "webp"):
+        assert encode_image(bgr, fmt, 90, "4:2:0", bgr=True) == encode_image(rgb, fmt, 90, "4:2:0")
+    with pytest.raises(ValueError, match="subsampling"):
+        encode_image(rgb, "jpeg", 95, "4:2:1")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_stored_decode_then_resize_oriented_matches_orient_first(tmp_path, orientation):
+    """decode_stored + resize_oriented (rotate the small output) gives the image that
+    decode_rgb + resize_rgb (rotate the big decode first) gives, up to rounding; BGR is the
+    same pixels with the channels swapped."""
+    w, h = 360, 240
+    path = save_jpeg(tmp_path / "o.jpg", make_photo(w, h, 33), 92, exif_orientation=orientation)
+    data = read_image_bytes(path)
+    header = probe_image(data)
+    ow, oh = header.size
+    for size in ((ow * 3 // 8, oh * 3 // 8), (ow // 4 - 1, oh // 4 + 1), (ow // 2, oh // 2)):
+        rgb = decode_rgb(data, header, size)
+        pixels, still = decode_stored(data, header, size)
+        assert still == orientation
+        assert pixels.shape == (*stored_size(rgb.shape[:2], orientation), 3)
+        bgr, _ = decode_stored(data, header, size, bgr=True)
+        assert (bgr[:, :, ::-1] == pixels).all()
+        expected = resize_rgb(rgb, size)
+        ours = resize_oriented(pixels, size, still)
+        assert ours.shape == expected.shape == (size[1], size[0], 3)
+        assert ours.flags.c_contiguous
+        assert np.abs(ours.astype(int) - expected).max() <= 2
+        assert psnr(ours, expected) > 50
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    iw=st.integers(2, 90),
+    ih=st.integers(2, 90),
+    w=st.integers(1, 120),
+    h=st.integers(1, 120),
+    orientation=st.integers(1, 8),
+)
+def test_resize_oriented_property(iw, ih, w, h, orientation):
+    stored = make_photo(iw, ih, iw * ih)
+    ours = resize_oriented(stored, (w, h), orientation)
+    expected = resize_rgb(imaging.orient(stored, orientation), (w, h))
+    assert ours.shape == expected.shape == (h, w, 3)
+    assert np.abs(ours.astype(int) - expected).max() <= 2
+
+
+def test_pil_decoded_orientation_is_not_applied_twice(tmp_path, monkeypatch):
+    """PIL orients TIFFs itself (recent Pillow); decode_stored then reports orientation 1,
+    on the PIL fallback path too, and BGR there is the same pixels swapped."""
+    rgb = make_photo(30, 20, 34)
+    path = save_image(tmp_path / "o.tiff", rgb, "TIFF", exif_orientation=6)
+    data = read_image_bytes(path)
+    header = probe_image(data)
+    pixels, still = decode_stored(data, header, (1, 1))
+    ours = resize_oriented(pixels, header.size, still)
+    assert (ours == np.rot90(rgb, k=-1)).all()
+    jpeg = save_jpeg(tmp_path / "o.jpg", rgb, 95, exif_orientation=6)
+    jdata = read_image_bytes(jpeg)
+    jheader = probe_image(jdata)
+    fast = decode_stored(jdata, jheader, (1, 1), bgr=True)
+    monkeypatch.setattr(imaging, "_cv2_decode", lambda data, k, bgr: None)
+    slow = decode_stored(jdata, jheader, (1, 1), bgr=True)
+    assert fast[1] == slow[1] == 6
+    assert fast[0].shape == slow[0].shape and psnr(fast[0], slow[0]) > 40
+
+
+def test_build_sample_stores_oriented_exact_sizes_and_input_subsampling(tmp_path):
+    """The builder's stored images: exact layout sizes, EXIF applied, close to the naive
+    path; a 4:2:0 photo stays 4:2:0, a PNG screenshot is stored 4:4:4."""
+    from mvprep.options import BuildOptions
+    from mvprep.records import normalize_record
+    from mvprep.sample_builder import build_sample
+    from mvprep.tokens import make_token_counter
+
+    save_jpeg(tmp_path / "p.jpg", make_photo(1200, 900, 35), 92, exif_orientation=6)
+    save_image(tmp_path / "s.png", make_screenshot(1000, 560, 36), "PNG")
+    options = BuildOptions(data_path=tmp_path / "d.json", out_dir=tmp_path / "out", max_res=896)
+    for i, (name, subsampling) in enumerate((("p.jpg", "4:2:0"), ("s.png", "4:4:4"))):
+        raw = {"image": name, "conversations": [
+            {"role": "user", "content": "<image>\nWhat is it?"},
+            {"role": "assistant", "content": "A test."},
+        ]}  # fmt: skip
+        sample = build_sample(normalize_record(i, raw), tmp_path, options, make_token_counter(None))
+        entry = sample.meta.images[0]
+        layout = entry.layout
+        assert layout.refine_size is not None and entry.refine_member is not None
+        with Image.open(tmp_path / name) as im:
+            full = ImageOps.exif_transpose(im).convert("RGB")
+        for member, size in (
+            (entry.source_member, layout.source_size),
+            (entry.refine_member, layout.refine_size),
+        ):
+            blob = sample.members[member]
+            assert sampling_of(blob) == SAMPLING_FACTORS[subsampling]
+            stored = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+            assert (stored.shape[1], stored.shape[0]) == tuple(size)
+            ref = np.asarray(full.resize(tuple(size), Image.Resampling.LANCZOS))
+            assert psnr(stored, ref) > 30, (name, member)
 
 
 # ------------------------------------------------------------------------- bad input

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,6 +56,16 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _budget(text: object, flag: str) -> int | None:
+    """An integer budget, or None for 'auto'."""
+    if str(text).lower() == "auto":
+        return None
+    try:
+        return int(str(text))
+    except ValueError:
+        raise ValueError(f"{flag} takes a positive integer or 'auto', got {text!r}") from None
+
+
 @main.command("run")
 @click.option(
     "--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
@@ -63,17 +74,25 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 @click.option("--output", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--token-budget",
-    type=int,
-    default=DEFAULT_TOKEN_BUDGET,
+    default=str(DEFAULT_TOKEN_BUDGET),
     show_default=True,
-    help="Max padded tokens (batch_size x max_len) per micro-batch.",
+    help="Max padded tokens (batch_size x max_len) per micro-batch, or 'auto' (from the plan).",
 )
 @click.option(
     "--patch-budget",
-    type=int,
-    default=DEFAULT_PATCH_BUDGET,
+    default=str(DEFAULT_PATCH_BUDGET),
     show_default=True,
-    help="Max padded vision patches per micro-batch.",
+    help="Max padded vision patches per micro-batch, or 'auto' (from the plan).",
+)
+@click.option("--gpu-mem", default=None, help="Card size for 'auto' budgets (default: the GPU's).")
+@click.option(
+    "--target", type=float, default=0.9, show_default=True, help="Card fraction for 'auto'."
+)
+@click.option(
+    "--probe",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A fit saved by `mvtrain probe` for 'auto' budgets.",
 )
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None)
@@ -112,8 +131,16 @@ def run_command(
     if nproc_per_node and "RANK" not in os.environ:
         sys.exit(_launch(nproc_per_node, _strip_nproc(sys.argv[1:])))
     from mvtrain.loop import run
+    from mvtrain.memory_plan import parse_bytes
     from mvtrain.run_config import RunConfig
 
+    try:
+        options["token_budget"] = _budget(options["token_budget"], "--token-budget")
+        options["patch_budget"] = _budget(options["patch_budget"], "--patch-budget")
+        if options["gpu_mem"] is not None:
+            options["gpu_mem"] = parse_bytes(str(options["gpu_mem"]))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     config = RunConfig(
         use_deepspeed=None if engine == "auto" else engine == "deepspeed",
         progress=not no_progress,
@@ -175,6 +202,117 @@ def report_command(out: Path, png: Path | None, memory_budget: str | None) -> No
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_report(report))
+
+
+def _plan_options(f: Any) -> Any:
+    for option in reversed(
+        [
+            click.option(
+                "--shards",
+                type=click.Path(exists=True, file_okay=False, path_type=Path),
+                required=True,
+            ),
+            click.option(
+                "--model",
+                required=True,
+                help="'tiny', a model folder, or a folder with only config.json.",
+            ),
+            click.option("--gpus", type=int, default=1, show_default=True),
+            click.option("--gpu-mem", default="80GiB", show_default=True),
+            click.option("--zero", "zero_stage", type=int, default=2, show_default=True),
+            click.option("--lora", is_flag=True),
+            click.option("--lora-rank", type=int, default=8, show_default=True),
+            click.option("--freeze-vision", is_flag=True),
+            click.option("--grad-ckpt", is_flag=True),
+            click.option("--bf16/--fp32", default=True, show_default=True),
+            click.option("--target", type=float, default=0.9, show_default=True),
+            click.option("--grad-accum", type=int, default=1, show_default=True),
+            click.option(
+                "--attention",
+                type=click.Choice(["sdpa", "flash", "eager"]),
+                default="sdpa",
+                show_default=True,
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@main.command("plan")
+@_plan_options
+@click.option(
+    "--probe",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Use a fit saved by `mvtrain probe` instead of the config-derived coefficients.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
+    """What fits: parameters, static memory, activations, budgets, and what to change."""
+    import json as json_module
+
+    from mvtrain.memory_plan import PlanRequest, format_plan, make_plan, parse_bytes
+
+    try:
+        plan = make_plan(PlanRequest(gpu_mem=parse_bytes(gpu_mem), **options))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json_module.dumps(plan, default=str))
+    else:
+        click.echo(format_plan(plan))
+    sys.exit(0 if plan["token_budget"] is not None else 3)
+
+
+@main.command("probe")
+@click.option(
+    "--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+)
+@click.option("--model", required=True)
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("mvkit-probe.json"),
+    show_default=True,
+)
+@click.option("--bf16/--fp32", default=True, show_default=True)
+@click.option("--lora", is_flag=True)
+@click.option("--freeze-vision", is_flag=True)
+@click.option("--grad-ckpt", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
+    """On a GPU: measure fwd+bwd peaks on worst-case batches and fit the planner to them."""
+    from mvshards.index import load_index
+    from mvtrain.adapters import adapter_for
+    from mvtrain.model_setup import build_model
+    from mvtrain.probe import run_probe
+    from mvtrain.run_config import RunConfig
+
+    index = load_index(shards)
+    config = RunConfig(shards=shards, model=model, output=Path("."), **setup)
+    bundle = build_model(config)
+    if bundle.family != "4.6":
+        raise click.UsageError(
+            "probe drives the native 4.6 family; plan the 2.6 family from its config"
+        )
+    adapter = adapter_for(index.params["profile"], bundle.tokenizer)
+    try:
+        fit = run_probe(
+            bundle.model,
+            bundle.tokenizer.pad_token_id or 0,
+            adapter,
+            int(index.num_tokens.max()),
+            int(index.num_patches.max()),
+            save,
+        )
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"probe fit saved to {save}: {fit['bytes_per_token']:,.0f} B/token, "
+        f"{fit['bytes_per_patch']:,.0f} B/patch, const {fit['const_bytes'] / 2**30:.2f} GiB, "
+        f"max error {fit['max_relative_error']:.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,50 @@ def _plan_epochs(
     return EpochPlans(steps, plans, reports)
 
 
+def _auto_budgets(config: RunConfig, info: DistInfo) -> tuple[RunConfig, int]:
+    """Fill 'auto' budgets from the memory plan (every rank computes the same numbers)."""
+    from mvtrain.memory_plan import PlanRequest, make_plan
+
+    gpu_mem = config.gpu_mem
+    if gpu_mem is None:
+        if not torch.cuda.is_available():
+            raise ValueError("'auto' budgets on a machine without CUDA need --gpu-mem (e.g. 8GiB)")
+        gpu_mem = torch.cuda.get_device_properties(info.local_rank).total_memory
+    plan = make_plan(
+        PlanRequest(
+            shards=Path(config.shards),
+            model=config.model,
+            gpus=info.world_size,
+            gpu_mem=gpu_mem,
+            zero_stage=config.zero_stage,
+            lora=config.lora,
+            lora_rank=config.lora_rank,
+            freeze_vision=config.freeze_vision,
+            grad_ckpt=config.grad_ckpt,
+            bf16=config.bf16,
+            target=config.target,
+            grad_accum=config.grad_accum,
+            probe=config.probe,
+        )
+    )
+    if plan["token_budget"] is None:
+        raise ValueError(f"'auto' budgets: nothing fits ({plan['error']}); see `mvtrain plan`")
+    config = replace(
+        config,
+        token_budget=config.token_budget or plan["token_budget"],
+        patch_budget=config.patch_budget or plan["patch_budget"],
+    )
+    if info.is_main:
+        log.warning(
+            "auto budgets: %d tokens, %d patches (predicted peak %.2f GiB of %.1f GiB)",
+            config.token_budget,
+            config.patch_budget,
+            plan["predicted_peak_bytes"] / 2**30,
+            gpu_mem / 2**30,
+        )
+    return config, int(plan["predicted_peak_bytes"])
+
+
 def _record_event(output: Path, state: TrainState, event: dict[str, Any]) -> None:
     """Keep an OOM event in the checkpointed state and in OUT/events.jsonl."""
     state.events.append(event)
@@ -139,6 +183,9 @@ def run(config: RunConfig) -> RunResult:
             f"{family}-family model: rebuild with the matching --profile"
         )
     cost_model = CostModel.for_profile(profile)
+    planned_peak = None
+    if config.token_budget is None or config.patch_budget is None:
+        config, planned_peak = _auto_budgets(config, info)
     cache = output / "cache"
     if info.is_main:  # rank 0 recounts and caches; the others then read the cache
         lengths = exact_lengths(index, tokenizer, profile, cache, progress=config.progress)
@@ -223,6 +270,8 @@ def run(config: RunConfig) -> RunResult:
                     "steps_per_epoch": epochs.steps,
                     "plan": {str(e): r for e, r in epochs.report.items()},
                     "exact_length_recount": lengths.recounted,
+                    "budgets": {"tokens": config.token_budget, "patches": config.patch_budget},
+                    "predicted_peak_bytes": planned_peak,
                 },
                 indent=1,
                 default=str,
@@ -246,6 +295,8 @@ def run(config: RunConfig) -> RunResult:
             stream = batch_iterator(dataset, config.loader_workers)
             for _ in range(in_epoch, epochs.steps[epoch]):
                 window = [next(stream) for _ in range(config.grad_accum)]
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
                 started = time.perf_counter()
                 for batch in window:
                     efficiency.add(batch)

@@ -11,7 +11,10 @@ from torch import nn
 from mvtrain.attention import use_batched_varlen_attention
 from mvtrain.run_config import RunConfig
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+LORA_TARGETS = (
+    r".*(language_model|llm)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+)
+"""The LLM's projections: ``model.language_model.*`` (4.6 native), ``llm.model.*`` (2.6)."""
 
 
 @dataclass
@@ -61,9 +64,9 @@ def build_model(config: RunConfig) -> ModelBundle:
             for p in module.parameters():
                 p.requires_grad_(False)
     if config.grad_ckpt:
+        # non-reentrant checkpointing needs no enable_input_require_grads(), which would also
+        # hook the (possibly frozen) vision input and keep its activations for backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
     if config.lora:
         from peft import LoraConfig, get_peft_model
 

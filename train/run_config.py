@@ -15,8 +15,13 @@ class RunConfig:
     model: str
     """``tiny`` or a local model folder."""
     output: Path
-    token_budget: int = DEFAULT_TOKEN_BUDGET
-    patch_budget: int = DEFAULT_PATCH_BUDGET
+    token_budget: int | None = DEFAULT_TOKEN_BUDGET
+    """None: 'auto', taken from the memory plan (or a probe fit)."""
+    patch_budget: int | None = DEFAULT_PATCH_BUDGET
+    gpu_mem: int | None = None
+    """Card size for 'auto' budgets; None: the CUDA device's (required on CPU)."""
+    target: float = 0.9
+    probe: Path | None = None
     grad_accum: int = 1
     max_steps: int | None = None
     epochs: int = 1
@@ -45,8 +50,12 @@ class RunConfig:
     export: bool = True
 
     def validate(self) -> None:
-        if self.token_budget < 1 or self.patch_budget < 1:
-            raise ValueError("--token-budget and --patch-budget must be positive")
+        for name, value in (
+            ("--token-budget", self.token_budget),
+            ("--patch-budget", self.patch_budget),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive or 'auto', got {value}")
         if self.grad_accum < 1:
             raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.max_steps is not None and self.max_steps < 1:

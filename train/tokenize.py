@@ -3,8 +3,9 @@
 Steps (the same for both families; only the image span text differs):
 
 1. Every image placeholder is replaced with the image's real token span
-   (:func:`image_span_text`) by :func:`mvshards.conversation.expand_placeholders`, the module
-   mvprep counts with, so spans land in the same places and get the same newlines.
+   (:func:`mvshards.image_spans.image_span_text`) by
+   :func:`mvshards.conversation.expand_placeholders`, the module mvprep counts with, so
+   spans land in the same places and get the same newlines.
 2. The tokenizer's chat template renders the turns (``tokenize=False,
    add_generation_prompt=False``).
 3. The rendered text is tokenized once with ``add_special_tokens=False``.
@@ -48,8 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mvshards.conversation import expand_placeholders, split_at_markers
-from mvshards.profiles import Profile, get_profile
-from mvshards.schema import ImageEntry, SampleMeta
+from mvshards.image_spans import image_span_text, span_tokens, subimage_query_counts
+from mvshards.profiles import get_profile
+from mvshards.schema import SampleMeta
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
@@ -57,20 +59,6 @@ END_OF_TURN = "<|im_end|>"
 
 class TokenizeError(ValueError):
     """A sample cannot be tokenized as stored (one line naming the sample and the fix)."""
-
-
-@dataclass(frozen=True)
-class SpanTokens:
-    """The strings an image span is made of."""
-
-    query: str
-    """The token repeated once per LLM query position (the model scatters image features there)."""
-    image_start: str = "<image>"
-    image_end: str = "</image>"
-    slice_start: str = "<slice>"
-    slice_end: str = "</slice>"
-    id_start: str = "<image_id>"
-    id_end: str = "</image_id>"
 
 
 @dataclass
@@ -92,49 +80,6 @@ class TokenizedSample:
     @property
     def num_label_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
-
-
-def span_tokens(tokenizer: Any, family: str) -> SpanTokens:
-    """The span strings of ``family`` (``"4.6"``/``"2.6"``) with this tokenizer."""
-    if family == "4.6":
-        query = getattr(tokenizer, "image_token", None) or tokenizer.unk_token
-        return SpanTokens(
-            query=query,
-            image_start=getattr(tokenizer, "image_start_token", None) or "<image>",
-            image_end=getattr(tokenizer, "image_end_token", None) or "</image>",
-            slice_start=getattr(tokenizer, "slice_start_token", None) or "<slice>",
-            slice_end=getattr(tokenizer, "slice_end_token", None) or "</slice>",
-            id_start=getattr(tokenizer, "image_id_start_token", None) or "<image_id>",
-            id_end=getattr(tokenizer, "image_id_end_token", None) or "</image_id>",
-        )
-    if family == "2.6":
-        return SpanTokens(query=tokenizer.unk_token)
-    raise ValueError(f"unknown model family {family!r}; expected '4.6' or '2.6'")
-
-
-def subimage_query_counts(entry: ImageEntry, profile: Profile) -> list[int]:
-    """Query tokens of each (sub)image of one image: the source, then its slices."""
-    return [profile.tokens_per_subimage(t) for t in entry.layout.tgt_sizes]
-
-
-def image_span_text(entry: ImageEntry, profile: Profile, tokens: SpanTokens) -> str:
-    """The exact text that replaces one image's placeholder."""
-    layout = entry.layout
-    counts = subimage_query_counts(entry, profile)
-    text = tokens.image_start + tokens.query * counts[0] + tokens.image_end
-    if layout.grid is not None:
-        cols, rows = layout.grid
-        slices = counts[1:]
-        text += "\n".join(
-            "".join(
-                tokens.slice_start + tokens.query * n + tokens.slice_end
-                for n in slices[r * cols : (r + 1) * cols]
-            )
-            for r in range(rows)
-        )
-    if entry.image_id is not None:
-        text = f"{tokens.id_start}{entry.image_id}{tokens.id_end}" + text
-    return text
 
 
 def end_of_turn_id(tokenizer: Any) -> int:

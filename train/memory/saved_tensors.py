@@ -151,7 +151,9 @@ def synthetic_native_batch(
         raise ValueError("lengths and grids must have one entry per sample")
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)
-    low = max(image_token_id, pad_token_id) + 1 if max(image_token_id, pad_token_id) + 1 < vocab_size else 0
+    choices = torch.tensor(
+        [i for i in range(min(vocab_size, 4096)) if i not in (image_token_id, pad_token_id)]
+    )
     ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(lengths), width), -100, dtype=torch.long)
     mask = torch.zeros((len(lengths), width), dtype=torch.long)
@@ -159,7 +161,7 @@ def synthetic_native_batch(
         image = sum(image_tokens_for_grid(r, c, downsample_mode) for r, c in sample_grids)
         if image + 2 > n:
             raise ValueError(f"sample {i}: {n} tokens cannot hold {image} image tokens + 2")
-        row = torch.randint(low, vocab_size, (n,), generator=gen)
+        row = choices[torch.randint(len(choices), (n,), generator=gen)]
         row[1 : 1 + image] = image_token_id
         ids[i, :n] = row
         labels[i, :n] = torch.where(row == image_token_id, -100, row)
@@ -178,3 +180,58 @@ def synthetic_native_batch(
         batch["pixel_values"] = pixels.to(device)
         batch["target_sizes"] = torch.tensor(flat, dtype=torch.int32, device=device)
     return batch
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One batch of a prediction check: measured vs predicted saved bytes."""
+
+    label: str
+    batch_size: int
+    max_len: int
+    padded_tokens: int
+    padded_patches: int
+    padded: bool
+    measured: int
+    predicted: int
+
+    @property
+    def error(self) -> float:
+        """Relative error of the prediction, ``(predicted - measured) / measured``."""
+        return (self.predicted - self.measured) / self.measured
+
+
+def prediction_sweep(
+    model: nn.Module,
+    act: Any,
+    batches: list[tuple[str, Mapping[str, Any]]],
+    adapter: Any | None = None,
+) -> list[SweepRow]:
+    """Measure each ``(label, batch)`` (collated like :meth:`Native46Adapter.collate`) and
+    compare with ``act.saved_bytes`` (an :class:`~mvtrain.memory.activations.ActivationModel`)
+    at the batch's padded cost."""
+    rows = []
+    for label, batch in batches:
+        mask = batch["attention_mask"]
+        b, length = (int(x) for x in mask.shape)
+        grids = batch.get("target_sizes")
+        patches = 0 if grids is None else int((grids[:, 0] * grids[:, 1]).sum())
+        padded = bool((mask == 0).any())
+        measured = measure_saved_bytes(model, batch, adapter)
+        predicted = act.saved_bytes(b * length, patches, b, length, padded=padded)
+        rows.append(SweepRow(label, b, length, b * length, patches, padded, measured, predicted))
+    return rows
+
+
+def format_sweep(rows: list[SweepRow]) -> str:
+    """The rows as a text table (label, B, L, tokens, patches, measured, predicted, error)."""
+    lines = [
+        f"{'batch':<28} {'B':>2} {'L':>5} {'tokens':>6} {'patches':>7} "
+        f"{'measured':>10} {'predicted':>10} {'error':>7}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.label:<28} {r.batch_size:>2} {r.max_len:>5} {r.padded_tokens:>6} "
+            f"{r.padded_patches:>7} {r.measured:>10} {r.predicted:>10} {r.error:>+7.2%}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""``mvprep stats``: what a built dataset holds, from its index alone (no tar is opened).
+
+Sources, all written by ``mvprep build``:
+
+* ``manifest.json``: build parameters, the shard list and totals (rejects by reason);
+* ``index/NNNNNN.json``: per sample ``[key, num_tokens, num_patches, num_images]`` and, in
+  ``stats[IMAGE_TABLE_KEY]``, one column per :data:`IMAGE_COLUMNS` with one value per image
+  (images in sample order, each sample's images in order), so that slices per image and
+  original resolutions need no tar either. Indexes built before the image table existed
+  still give every per-sample number; the per-image ones are then reported as missing.
+
+Percentiles use the nearest-rank definition (numpy ``method="inverted_cdf"``): ``pQ`` is the
+smallest value that at least Q% of the items do not exceed, always a value that occurs, so
+"the budget that holds p99" is exactly a budget that 99% of the samples fit in alone.
+
+The loader parses each entry once with ``json`` and takes columns with ``zip`` rather than
+building per-row Python objects: about 3 s for 1M samples on 2 cores, where
+``mvshards.index.load_index`` (which also builds the key array) takes about 7 s. It performs
+the same consistency checks as ``load_index`` (entry present, sha256 and sample count equal to
+the manifest's) and raises the same errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mvshards.index import IndexMissingError, entry_path, read_manifest
+from mvshards.profiles import get_profile
+from mvshards.schema import ImageEntry
+
+IMAGE_TABLE_KEY = "image_table"
+"""Key of the per-image columns in a shard entry's ``stats``."""
+IMAGE_COLUMNS = ("slices", "width", "height", "patches", "max_subimage_patches")
+"""Per image: slices (0 = not sliced), original width and height, vision patches (source +
+slices) and the patches of its largest (sub)image (the 2.6 family pads every slice to it)."""
+PERCENTILES = (50, 90, 99)
+_BUDGET_KEYS = ("token_budget", "patch_budget")
+
+
+def new_image_table() -> dict[str, list[int]]:
+    """An empty per-shard image table: one list per :data:`IMAGE_COLUMNS` name."""
+    return {name: [] for name in IMAGE_COLUMNS}
+
+
+def add_image_rows(table: dict[str, list[int]], images: Iterable[ImageEntry]) -> None:
+    """Append one value per column for each image of one sample (in image order)."""
+    for image in images:
+        layout = image.layout
+        table["slices"].append(layout.num_slices)
+        table["width"].append(layout.original_size[0])
+        table["height"].append(layout.original_size[1])
+        table["patches"].append(layout.num_patches)
+        table["max_subimage_patches"].append(max((r * c for r, c in layout.tgt_sizes), default=0))
+
+
+@dataclass
+class IndexArrays:
+    """A dataset's index as numpy arrays: per sample, and per image when the index has them."""
+
+    out: Path
+    manifest: dict[str, Any]
+    tokens: np.ndarray
+    patches: np.ndarray
+    images: np.ndarray
+    """Images per sample (int64, dataset order)."""
+    image_columns: dict[str, np.ndarray] | None
+    """:data:`IMAGE_COLUMNS` -> int64 array over all images; None when a shard lacks them."""
+    missing_image_table: list[str] = field(default_factory=list)
+    """Entry files without a usable image table (built by an older mvprep)."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.manifest.get("params", {})
+
+
+def load_index_arrays(out: Path) -> IndexArrays:
+    """Read ``manifest.json`` and every ``index/NNNNNN.json`` of a finished build (no tar)."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    sample_cols: list[np.ndarray] = []
+    image_cols: dict[str, list[np.ndarray]] = {name: [] for name in IMAGE_COLUMNS}
+    missing: list[str] = []
+    for item in manifest["shards"]:
+        path = entry_path(out, int(item["unit"]))
+        try:
+            entry = json.loads(path.read_bytes())
+            samples = entry["samples"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise IndexMissingError(
+                f"{path} is missing or unreadable ({type(exc).__name__}) but manifest.json "
+                f"lists {item['shard']}: re-run mvprep build to complete it"
+            ) from None
+        if entry.get("sha256") != item["sha256"] or len(samples) != item["num_samples"]:
+            raise IndexMissingError(
+                f"{path} does not match manifest.json (sha256 or sample count differ): the "
+                "folder was partly rebuilt; re-run mvprep build"
+            )
+        if samples:
+            _, tokens, patches, images = zip(*samples, strict=True)
+            sample_cols.append(np.array((tokens, patches, images), dtype=np.int64))
+        table = (entry.get("stats") or {}).get(IMAGE_TABLE_KEY)
+        wanted = int(sample_cols[-1][2].sum()) if samples else 0
+        if not _table_ok(table, wanted):
+            missing.append(str(path))
+            continue
+        for name in IMAGE_COLUMNS:
+            image_cols[name].append(np.asarray(table[name], dtype=np.int64))
+    table_arr = np.concatenate(sample_cols, axis=1) if sample_cols else np.zeros((3, 0), np.int64)
+    columns = None
+    if not missing:
+        columns = {
+            name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            for name, parts in image_cols.items()
+        }
+    return IndexArrays(
+        out=out,
+        manifest=manifest,
+        tokens=table_arr[0].copy(),
+        patches=table_arr[1].copy(),
+        images=table_arr[2].copy(),
+        image_columns=columns,
+        missing_image_table=missing,
+    )
+
+
+def _table_ok(table: Any, num_images: int) -> bool:
+    return isinstance(table, dict) and all(
+        isinstance(table.get(name), list) and len(table[name]) == num_images
+        for name in IMAGE_COLUMNS
+    )
+
+
+def percentiles(values: Sequence[float] | np.ndarray) -> dict[str, float | int | None]:
+    """``{"p50", "p90", "p99", "max"}`` by nearest rank (None for no values); ints stay ints."""
+    arr = np.asarray(values)
+    if arr.size == 0:
+        return {**{f"p{q}": None for q in PERCENTILES}, "max": None}
+    found = np.percentile(arr, [*PERCENTILES, 100], method="inverted_cdf")
+    cast = int if np.issubdtype(arr.dtype, np.integer) else float
+    return {
+        **{f"p{q}": cast(v) for q, v in zip(PERCENTILES, found[:-1], strict=True)},
+        "max": cast(found[-1]),
+    }
+
+
+def per_sample_patch_cost(arrays: IndexArrays, family: str) -> np.ndarray | None:
+    """Padded patches of a micro-batch holding each sample alone, as the model pads it.
+
+    4.6 family (NaViT packing): the sample's patches. 2.6 family (every (sub)image padded
+    to the longest): (sources + slices) x the largest (sub)image's patches. None when the
+    2.6 cost needs the image table and the index has none.
+    """
+    if family == "4.6":
+        return arrays.patches
+    cols = arrays.image_columns
+    if cols is None:
+        return None
+    owner = np.repeat(np.arange(len(arrays.images)), arrays.images)
+    subimages = np.bincount(owner, weights=cols["slices"] + 1, minlength=len(arrays.images))
+    largest = np.zeros(len(arrays.images), dtype=np.int64)
+    np.maximum.at(largest, owner, cols["max_subimage_patches"])
+    return subimages.astype(np.int64) * largest
+
+
+def dataset_stats(arrays: IndexArrays) -> dict[str, Any]:
+    """Counts, rejects by reason, percentiles and the budgets that hold p99 and max samples."""
+    totals = arrays.manifest.get("totals", {})
+    profile = arrays.params.get("profile")
+    family = get_profile(profile).family if profile else "4.6"
+    cols = arrays.image_columns
+    counts = {
+        "records": int(totals.get("records", 0)),
+        "samples": len(arrays.tokens),
+        "rejects": int(totals.get("rejects", 0)),
+        "shards": len(arrays.manifest.get("shards", [])),
+        "bytes": int(totals.get("bytes", 0)),
+        "images": int(arrays.images.sum()),
+        "text_only_samples": int((arrays.images == 0).sum()),
+        "sliced_images": int((cols["slices"] > 0).sum()) if cols is not None else None,
+    }
+    dists: dict[str, Any] = {
+        "tokens_per_sample": percentiles(arrays.tokens),
+        "patches_per_sample": percentiles(arrays.patches),
+        "images_per_sample": percentiles(arrays.images),
+    }
+    notes: list[str] = []
+    if cols is not None:
+        dists["slices_per_image"] = percentiles(cols["slices"])
+        dists["patches_per_image"] = percentiles(cols["patches"])
+        dists["original_width"] = percentiles(cols["width"])
+        dists["original_height"] = percentiles(cols["height"])
+        dists["original_megapixels"] = percentiles(cols["width"] * cols["height"] / 1e6)
+    else:
+        notes.append(
+            f"{len(arrays.missing_image_table)} index entries have no per-image table (built "
+            "by an older mvprep): slices and resolutions are missing; rebuild into a new --out"
+        )
+    patch_cost = per_sample_patch_cost(arrays, family)
+    budgets: dict[str, Any] = {"cost_model": family}
+    for name in ("p99", "max"):
+        budgets[name] = {
+            "token_budget": percentiles(arrays.tokens)[name],
+            "patch_budget": percentiles(patch_cost)[name] if patch_cost is not None else None,
+        }
+    budgets["note"] = (
+        "a micro-batch holding one sample alone; mvtrain skips samples over either budget"
+    )
+    return {
+        "dataset": str(arrays.out),
+        "profile": profile,
+        "params": {k: arrays.params.get(k) for k in ("max_res", "max_slice_nums", "tokenizer")},
+        "token_counts_exact": arrays.params.get("tokenizer") is not None,
+        "counts": counts,
+        "rejects_by_reason": dict(sorted(totals.get("rejects_by_reason", {}).items())),
+        "percentiles": dists,
+        "budgets": budgets,
+        "notes": notes,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return f"{value:,}"
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The human-readable table ``mvprep stats`` prints."""
+    c = stats["counts"]
+    lines = [
+        f"dataset {stats['dataset']}  (profile {stats['profile']}, "
+        f"token counts {'exact' if stats['token_counts_exact'] else 'estimated'})",
+        f"records {_fmt(c['records'])}  samples {_fmt(c['samples'])}  rejects "
+        f"{_fmt(c['rejects'])}  shards {_fmt(c['shards'])}  {c['bytes'] / 1e9:.3f} GB",
+        f"images {_fmt(c['images'])}  sliced {_fmt(c['sliced_images'])}  text-only samples "
+        f"{_fmt(c['text_only_samples'])}",
+    ]
+    if stats["rejects_by_reason"]:
+        lines.append("rejects by reason:")
+        lines += [f"  {n:>8,}  {r}" for r, n in stats["rejects_by_reason"].items()]
+    width = max(len(k) for k in stats["percentiles"])
+    lines.append(f"{'':{width}}  {'p50':>10} {'p90':>10} {'p99':>10} {'max':>10}")
+    for name, p in stats["percentiles"].items():
+        cells = " ".join(f"{_fmt(p[k]):>10}" for k in ("p50", "p90", "p99", "max"))
+        lines.append(f"{name:{width}}  {cells}")
+    b = stats["budgets"]
+    for name in ("p99", "max"):
+        tokens, patches = (str(b[name][k]).replace("None", "-") for k in _BUDGET_KEYS)
+        lines.append(
+            f"budgets holding the {name} sample ({b['cost_model']} cost): "
+            f"--token-budget {tokens} --patch-budget {patches}"
+        )
+    lines += [f"note: {n}" for n in stats["notes"]]
+    return "\n".join(lines)

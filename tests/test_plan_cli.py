@@ -1,0 +1,141 @@
+"""`mvtrain plan` end to end: config-only folders, JSON fields, auto budgets in `run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "scripts" / "configs"
+MVTRAIN = [sys.executable, "-m", "mvtrain.cli"]
+GiB = 1 << 30
+
+
+def _plan(shards: Path, *args: str) -> tuple[int, dict]:
+    proc = subprocess.run(
+        [*MVTRAIN, "plan", "--shards", str(shards), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_plan_of_a_config_only_folder_fits_and_reports_every_field(shards: Path) -> None:
+    assert sorted(p.name for p in (CONFIGS / "minicpmv-4.6").iterdir()) == ["config.json"]
+    code, plan = _plan(shards, "--model", str(CONFIGS / "minicpmv-4.6"), "--gpu-mem", "80GiB")
+    assert code == 0
+    for key in (
+        "params_total",
+        "params_trainable",
+        "static_bytes_per_gpu",
+        "activation_bytes_per_token",
+        "activation_bytes_per_patch",
+        "token_budget",
+        "patch_budget",
+        "predicted_peak_bytes",
+    ):
+        assert plan[key] is not None, key
+    assert 1.2e9 < plan["params_total"] < 1.4e9
+    assert plan["predicted_peak_bytes"] <= 0.9 * 80 * GiB
+    assert plan["epoch"]["steps_per_epoch"] >= 1
+    changes = {row["change"] for row in plan["advice"]}
+    assert {"--lora", "--freeze-vision", "--grad-ckpt"} <= changes
+
+
+def test_more_gpus_shrink_static_memory_and_lora_shrinks_trainable(shards: Path) -> None:
+    model = ["--model", str(CONFIGS / "minicpmv-4.6"), "--gpu-mem", "80GiB"]
+    _, one = _plan(shards, *model, "--gpus", "1")
+    _, eight = _plan(shards, *model, "--gpus", "8")
+    _, lora = _plan(shards, *model, "--lora")
+    assert eight["static_bytes_per_gpu"] < one["static_bytes_per_gpu"]
+    assert eight["token_budget"] >= one["token_budget"]
+    assert lora["params_trainable"] < 0.05 * lora["params_total"]
+    assert lora["static_bytes_per_gpu"] < one["static_bytes_per_gpu"]
+
+
+def test_nothing_fits_says_what_would(shards: Path) -> None:
+    code, plan = _plan(shards, "--model", str(CONFIGS / "minicpmv-2.6"), "--gpu-mem", "24GiB")
+    assert code == 3 and plan["token_budget"] is None
+    assert "needs" in plan["error"]
+    assert any(row["fits"] for row in plan["advice"]) or all(
+        row["needed_bytes"] > 0 for row in plan["advice"]
+    )
+
+
+def test_run_with_auto_budgets_uses_the_plan(shards: Path, tmp_path: Path) -> None:
+    _, plan = _plan(shards, "--model", "tiny", "--gpu-mem", "4GiB", "--fp32")
+    assert plan["token_budget"] is not None, plan.get("error")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            *MVTRAIN,
+            "run",
+            "--shards",
+            str(shards),
+            "--model",
+            "tiny",
+            "--output",
+            str(out),
+            "--token-budget",
+            "auto",
+            "--patch-budget",
+            "auto",
+            "--gpu-mem",
+            "4GiB",
+            "--engine",
+            "torch",
+            "--max-steps",
+            "1",
+            "--no-progress",
+            "--no-export",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["budgets"] == {"tokens": plan["token_budget"], "patches": plan["patch_budget"]}
+    assert run["predicted_peak_bytes"] == plan["predicted_peak_bytes"]
+
+
+def test_probe_refuses_without_cuda(shards: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the probe would run for real")
+    proc = subprocess.run(
+        [
+            *MVTRAIN,
+            "probe",
+            "--shards",
+            str(shards),
+            "--model",
+            "tiny",
+            "--fp32",
+            "--save",
+            str(tmp_path / "fit.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "needs CUDA" in proc.stderr
+
+
+def test_the_gpu_check_script_runs_its_path_on_cpu() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "predicted GiB" in proc.stdout and "plan: --token-budget" in proc.stdout

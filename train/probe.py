@@ -1,0 +1,122 @@
+"""``mvtrain probe``: measure activation memory on the GPU and fit the planner's coefficients.
+
+Runs forward + backward of the real model on synthetic worst-case batches -- the longest
+token length alone, the largest patch count with a short text, both together, and points in
+between -- records ``torch.cuda.max_memory_allocated`` above the static baseline for each,
+and fits ``bytes = a * padded_tokens + b * padded_patches + c`` by least squares. The fit is
+saved as JSON; ``mvtrain plan --probe FIT`` and ``mvtrain run --probe FIT`` use it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mvtrain.memory.saved_tensors import image_tokens_for_grid, synthetic_native_batch
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    padded_tokens: int
+    padded_patches: int
+    batch_size: int
+    peak_bytes: int
+
+
+def probe_shapes(max_tokens: int, max_patches: int) -> list[tuple[int, int, int]]:
+    """``(batch_size, length, patches)`` worst-case shapes: longest text, most patches, both."""
+    length = max(64, max_tokens)
+    shapes = [
+        (1, length, 0),
+        (1, max(64, length // 2), 0),
+        (1, 256, max_patches),
+        (1, 256, max(1024, max_patches // 2)),
+        (1, length, max_patches),
+        (2, max(64, length // 2), max(1024, max_patches // 2)),
+    ]
+    return shapes
+
+
+def measure_point(model: torch.nn.Module, adapter: Any, batch: dict[str, Any]) -> int:
+    device = torch.device("cuda")
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    loss, _count = adapter.forward_loss(model, inputs)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    model.zero_grad(set_to_none=True)
+    del loss, inputs
+    return int(peak)
+
+
+def fit_points(points: list[ProbePoint]) -> dict[str, float]:
+    a = np.array([[p.padded_tokens, p.padded_patches, 1.0] for p in points], dtype=np.float64)
+    y = np.array([p.peak_bytes for p in points], dtype=np.float64)
+    (per_token, per_patch, const), *_ = np.linalg.lstsq(a, y, rcond=None)
+    predicted = a @ np.array([per_token, per_patch, const])
+    error = float(np.max(np.abs(predicted - y) / np.maximum(y, 1)))
+    return {
+        "bytes_per_token": float(max(per_token, 0.0)),
+        "bytes_per_patch": float(max(per_patch, 0.0)),
+        "const_bytes": float(const),
+        "max_relative_error": error,
+    }
+
+
+def probe_batch(
+    model: torch.nn.Module, pad_id: int, batch_size: int, length: int, patches: int
+) -> dict[str, Any]:
+    """A synthetic native batch: ``batch_size`` rows of ``length`` tokens, ``patches`` patches
+    as 32x32 slices in the first sample (its length grows to hold their image tokens)."""
+    config = model.config
+    grids: list[list[tuple[int, int]]] = [[] for _ in range(batch_size)]
+    grids[0] = [(32, 32)] * max(0, patches // 1024)
+    image_tokens = sum(image_tokens_for_grid(r, c, config.downsample_mode) for r, c in grids[0])
+    lengths = [max(length, image_tokens + 2 if i == 0 else 2) for i in range(batch_size)]
+    return synthetic_native_batch(
+        lengths,
+        grids,
+        image_token_id=config.image_token_id,
+        pad_token_id=pad_id,
+        vocab_size=config.text_config.vocab_size,
+        downsample_mode=config.downsample_mode,
+        dtype=next(model.parameters()).dtype,
+    )
+
+
+def run_probe(
+    model: torch.nn.Module,
+    pad_id: int,
+    adapter: Any,
+    max_tokens: int,
+    max_patches: int,
+    out: Path,
+) -> dict[str, Any]:
+    """Measure the probe shapes on the GPU, fit, save the fit to ``out``; return it."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "mvtrain probe measures GPU memory and needs CUDA; on this machine use "
+            "`mvtrain plan`, which predicts from the model config"
+        )
+    model.cuda().train()
+    points = []
+    for batch_size, length, patches in probe_shapes(max_tokens, max_patches):
+        batch = probe_batch(model, pad_id, batch_size, length, patches)
+        peak = measure_point(model, adapter, batch)
+        width = batch["input_ids"].shape[1]
+        points.append(ProbePoint(batch_size * width, patches // 1024 * 1024, batch_size, peak))
+    fit = fit_points(points)
+    result = {**fit, "points": [p.__dict__ for p in points], "device": torch.cuda.get_device_name()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
