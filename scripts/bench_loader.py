@@ -55,40 +55,39 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from imagegen import make_photo, make_screenshot, save_image, save_jpeg  # noqa: E402
+
+SCRIPTS = str(Path(__file__).resolve().parent)
+if SCRIPTS not in sys.path:  # run as a script it is there; loaded by file path not
+    sys.path.insert(0, SCRIPTS)
+from official_baseline import PATCH, PROFILE_NAME, OfficialPath, StageTimer  # noqa: E402
 
 import mvtrain.pixels as pixels_mod  # noqa: E402
 from mvprep.build import build  # noqa: E402
 from mvprep.options import BuildOptions  # noqa: E402
 from mvshards.index import load_index  # noqa: E402
-from mvshards.layout import compute_layout  # noqa: E402
 from mvshards.profiles import get_profile  # noqa: E402
 from mvshards.schema import SampleMeta  # noqa: E402
 from mvtrain.adapters import LoadedSample, adapter_for  # noqa: E402
 from mvtrain.bucketer import Budgets, CostModel  # noqa: E402
 from mvtrain.lengths import iter_sample_json  # noqa: E402
 from mvtrain.loader import MicroBatch, PlannedBatches, ShardAccess  # noqa: E402
-from mvtrain.plan import PlanIndex, RankPlan, epoch_plan  # noqa: E402
+from mvtrain.plan import PlanIndex, epoch_plan  # noqa: E402
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET  # noqa: E402
 from mvtrain.tiny import load_tiny_tokenizer  # noqa: E402
 from mvtrain.tokenize import tokenize_sample  # noqa: E402
 
-PROFILE_NAME = "minicpmv-4.6"
 MAX_RES = 1344
-PATCH = 14
 ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 """EXIF orientations that swap width and height."""
 
@@ -229,107 +228,6 @@ def make_dataset(root: Path, args: argparse.Namespace) -> tuple[Path, dict[str, 
     data = root / "data.json"
     data.write_text(json.dumps(make_records(specs, args.multi, args.seed)))
     return data, {s.name: s.exif_orientation for s in specs}
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-class StageTimer:
-    """CPU seconds per named stage (``time.process_time``)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.process_time()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.process_time() - start
-
-
-# ----------------------------------------------------------------------------- baseline
-
-
-def _to_tensor_normalised(image: Image.Image) -> torch.Tensor:
-    """torchvision ``ToTensor()`` then ``Normalize((0.5,) * 3, (0.5,) * 3)``, as the
-    official fine-tuning transform (torchvision itself is not a project dependency)."""
-    arr = torch.from_numpy(np.array(image, copy=True))
-    chw = arr.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
-    x = chw.to(torch.float32).div(255)
-    half = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
-    return x.sub_(half).div_(half)
-
-
-def _reshape_by_patch(chw: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
-    """``[3, H, W]`` -> ``[3, patch, H*W/patch]`` with ``unfold``, as the official code."""
-    cols = F.unfold(chw, (patch, patch), stride=(patch, patch))
-    cols = cols.reshape(chw.size(0), patch, patch, -1)
-    return cols.permute(0, 1, 3, 2).reshape(chw.size(0), patch, -1)
-
-
-@dataclass
-class OfficialPath:
-    """The official dataset class's per-step work over the planned micro-batches."""
-
-    plan: RankPlan
-    metas: dict[str, SampleMeta]
-    """Each sample's record (conversation, image paths), as the official class holds the
-    raw JSON in memory; the stored layouts are not used."""
-    root: Path
-    tokenizer: Any
-    adapter: Any
-    max_slice_nums: int
-
-    def sample(self, meta: SampleMeta, exif: bool, timer: StageTimer) -> LoadedSample:
-        """One sample the way the official dataset class builds it on every step."""
-        profile = get_profile(PROFILE_NAME)
-        patches: list[torch.Tensor] = []
-        grids: list[tuple[int, int]] = []
-        entries = []
-        for entry in meta.images:
-            with timer("open+decode"):
-                image = Image.open(self.root / entry.path)
-                image.load()
-            if exif:
-                with timer("exif transpose"):
-                    image = ImageOps.exif_transpose(image)
-            with timer("open+decode"):
-                image = image.convert("RGB")
-            with timer("layout"):
-                layout = compute_layout(image.width, image.height, profile, self.max_slice_nums)
-            with timer("resize"):
-                views = [image.resize(layout.source_size, Image.Resampling.BICUBIC)]
-                refine = None
-                if layout.refine_size is not None:
-                    refine = image.resize(layout.refine_size, Image.Resampling.BICUBIC)
-            with timer("slice"):
-                if refine is not None:
-                    views += [refine.crop(box) for box in layout.slice_boxes()]
-            with timer("normalise+patchify"):
-                for view in views:
-                    patches.append(_reshape_by_patch(_to_tensor_normalised(view)))
-                    grids.append((view.height // PATCH, view.width // PATCH))
-            entries.append(replace(entry, layout=layout))
-        with timer("tokenize"):
-            own = replace(meta, images=entries)
-            tokenized = tokenize_sample(own, self.tokenizer, PROFILE_NAME)
-        return LoadedSample(own, tokenized, patches, grids)
-
-    def batches(
-        self, exif: bool, timer: StageTimer, keep: bool = False
-    ) -> tuple[int, list[tuple[list[LoadedSample], dict[str, Any]]]]:
-        """Every micro-batch; ``(samples, [(samples, collated inputs)] when keep)``."""
-        count, kept = 0, []
-        for planned in self.plan.batches:
-            samples = [self.sample(self.metas[c.key], exif, timer) for c in planned.samples]
-            with timer("collate"):
-                inputs = self.adapter.collate(samples)
-            count += len(samples)
-            if keep:
-                kept.append((samples, inputs))
-        return count, kept
 
 
 # ----------------------------------------------------------------------------- ours

@@ -23,6 +23,7 @@ import argparse
 import json
 import random
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -31,46 +32,26 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGES = "images"
+SCRIPTS = str(Path(__file__).resolve().parent)
+if SCRIPTS not in sys.path:  # run as a script it is there; loaded by file path (tests) not
+    sys.path.insert(0, SCRIPTS)
+from demo_tables import (  # noqa: E402
+    BAD_RECORDS,
+    CYCLE,
+    IMAGES,
+    LLAVA_SINGLES,
+    SUBJECT,
+    TEXT_ONLY,
+    pick_qa,
+    round_turns,
+)
+
 PHOTOS = [
     *("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina"),
     *("immunohistochemistry", "camera", "page", "logo", "horse"),
 ]
 """scikit-image samples bundled in the wheel (no pooch download needed, checked on 0.26)."""
 
-# What each image shows: (English description, Chinese description).
-SUBJECT = {
-    "astronaut": ("an astronaut in an orange suit in front of a flag", "一位穿橙色宇航服的宇航员"),
-    "chelsea": ("a ginger tabby cat looking to the side", "一只橘色虎斑猫望向一侧"),
-    "coffee": ("a cup of coffee with latte art on a saucer", "一杯带拉花的咖啡放在碟子上"),
-    "rocket": ("a rocket on its launch pad", "一枚停在发射台上的火箭"),
-    "hubble": ("a deep-field photo full of distant galaxies", "一张布满遥远星系的深空照片"),
-    "retina": ("a fundus photo of a human retina", "一张人眼视网膜眼底照片"),
-    "ihc": ("a tissue section with brown and blue stain", "一张棕色和蓝色染色的组织切片"),
-    "camera": ("a man with a camera on a tripod, in grayscale", "一位男子和三脚架上的相机"),
-    "page": ("a scanned page of printed text", "一页扫描的印刷文字"),
-    "logo": ("the scikit-image logo on a transparent background", "透明背景上的软件标志"),
-    "horse": ("the black silhouette of a horse", "一匹马的黑色剪影"),
-    "mosaic": (
-        "a collage of an astronaut, coffee, a rocket and a cat",
-        "宇航员、咖啡、火箭和猫的拼贴",
-    ),
-    "screenshot": ("a phone screenshot of a chat app", "一张聊天应用的手机截图"),
-    "motorcycle": ("a motorcycle parked in a room", "一辆停在室内的摩托车"),
-    "tiny": ("a tiny checkered icon", "一个很小的格子图标"),
-}
-QUESTIONS = [
-    ("What is shown in this picture?", "这张图片里有什么?"),
-    ("Describe the image briefly.", "请简要描述这张图片。"),
-    ("What is the main subject here?", "图中的主体是什么?"),
-]
-TEXT_ONLY = [
-    (
-        "Write a haiku about data pipelines.",
-        "Bytes in tidy rows, / shards march to the GPU, / no waste.",
-    ),
-    ("用一句话解释什么是数据分片。", "数据分片就是把大数据集切成固定大小的小文件,便于并行读取。"),
-]
 
 # file name -> (subject, writer); writers take (photos, rng) and save to the given path.
 Writer = Callable[[Path, dict[str, Image.Image], np.random.Generator], None]
@@ -234,22 +215,6 @@ def _good_images() -> dict[str, tuple[str, Writer]]:
     }
 
 
-def _turns(user: str, answer: str, llava: bool = False) -> list[dict[str, str]]:
-    if llava:
-        return [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-
-
-def _qa(subject: str, rng: random.Random, zh: bool) -> tuple[str, str]:
-    q_en, q_zh = rng.choice(QUESTIONS)
-    en, cn = SUBJECT[subject]
-    return (q_zh, f"图中是{cn}。") if zh else (q_en, f"It shows {en}.")
-
-
-CYCLE = "SSMSSXSSMSST"
-"""Record kinds, repeated: S single image, M multi-image, X multi-turn, T text-only."""
-
-
 def _good_records(images: dict[str, tuple[str, Writer]], count: int, rng: random.Random):
     """``count`` records; single-image records walk every image first (all formats covered)."""
     names = list(images)
@@ -260,9 +225,12 @@ def _good_records(images: dict[str, tuple[str, Writer]], count: int, rng: random
         kind, zh = CYCLE[n % len(CYCLE)], rng.random() < 0.4
         if kind == "S":
             name = names[singles] if singles < len(names) else small[singles % len(small)]
-            q, a = _qa(images[name][0], rng, zh)
+            q, a = pick_qa(images[name][0], rng, zh)
             user = [f"<image>\n{q}", q, f"{q}\n<image>"][singles % 3]  # start, absent, end
-            rec: dict[str, Any] = {"image": f"{IMAGES}/{name}", "conversations": _turns(user, a)}
+            rec: dict[str, Any] = {
+                "image": f"{IMAGES}/{name}",
+                "conversations": round_turns(user, a),
+            }
             singles += 1
         elif kind == "M":
             k = 2 + multis % 2
@@ -287,86 +255,21 @@ def _good_records(images: dict[str, tuple[str, Writer]], count: int, rng: random
                     else "What do <image_02>, <image_00> and <image_01> show?"
                 )
                 ans = "; ".join(subs[j] for j in (2, 0, 1))
-            rec = {"image": imgs, "conversations": _turns(user, ans)}
+            rec = {"image": imgs, "conversations": round_turns(user, ans)}
             multis += 1
         elif kind == "T":
             q, a = rng.choice(TEXT_ONLY)
-            rec = {"conversations": _turns(q, a)}
+            rec = {"conversations": round_turns(q, a)}
         else:
             name = small[(7 * n) % len(small)]
-            q, a = _qa(images[name][0], rng, zh)
+            q, a = pick_qa(images[name][0], rng, zh)
             follow = ("这是照片吗?", "是的。") if zh else ("Is it a photo?", "Yes.")
             rec = {
                 "image": f"{IMAGES}/{name}",
-                "conversations": _turns(f"<image>\n{q}", a) + _turns(*follow),
+                "conversations": round_turns(f"<image>\n{q}", a) + round_turns(*follow),
             }
         records.append({"id": f"demo-{n:03d}", **rec})
     return records
-
-
-def _bad(
-    rid: str,
-    why: str,
-    image: str | dict[str, str] | None,
-    user: str | None = "<image>\nWhat is this?",
-    turns: list | None = None,
-):
-    rec: dict[str, Any] = {"id": rid}
-    if image is not None:
-        rec["image"] = image
-    if turns is not None:
-        rec["conversations"] = turns
-    elif user is not None:
-        rec["conversations"] = _turns(user, "An answer.")
-    return rid, why, rec
-
-
-BAD_RECORDS: list[tuple[str, str, dict[str, Any]]] = [
-    _bad("bad-missing-file", "image file does not exist", f"{IMAGES}/does_not_exist.jpg"),
-    _bad("bad-empty-file", "image file is empty (0 bytes)", f"{IMAGES}/bad_empty.jpg"),
-    _bad("bad-text-as-jpg", "a text file named .jpg (not an image)", f"{IMAGES}/bad_text.jpg"),
-    _bad(
-        "bad-truncated-jpeg", "a JPEG cut off after 40% of its bytes", f"{IMAGES}/bad_truncated.jpg"
-    ),
-    _bad(
-        "bad-decompression-bomb",
-        "a 20000x20000 1-bit PNG (400 MP, ~50 KB on disk): over the pixel limit",
-        f"{IMAGES}/bad_bomb.png",
-    ),
-    _bad(
-        "bad-placeholder-no-image",
-        "<image> placeholder in the text but no image in the record",
-        None,
-        "<image>\nWhat is in the picture?",
-    ),
-    _bad(
-        "bad-unknown-role",
-        "a turn with role 'robot' (only user/assistant are allowed)",
-        f"{IMAGES}/astronaut.jpg",
-        turns=[{"role": "user", "content": "<image>\nWho?"}, {"role": "robot", "content": "Beep."}],
-    ),
-    _bad(
-        "bad-no-conversations", "a record without 'conversations'", f"{IMAGES}/astronaut.jpg", None
-    ),
-    _bad(
-        "bad-path-escape",
-        "path '../outside.jpg' escapes the data folder: the reason must say so, not 'missing'",
-        "../outside.jpg",
-    ),
-    _bad(
-        "bad-multi-one-missing",
-        "multi-image record whose second image is missing: rejected whole",
-        {"<image_00>": f"{IMAGES}/astronaut.jpg", "<image_01>": f"{IMAGES}/gone.png"},
-        "<image_00>\n<image_01>\nCompare them.",
-    ),
-    _bad(
-        "bad-multi-missing-placeholder",
-        "multi-image record whose text lacks <image_01>: placement is ambiguous",
-        {"<image_00>": f"{IMAGES}/astronaut.jpg", "<image_01>": f"{IMAGES}/chelsea.jpg"},
-        "<image_00>\nDescribe the pictures.",
-    ),
-]
-"""(id, what it tests, record) of every record the build must reject."""
 
 
 def _write_bad_files(img_dir: Path) -> None:
@@ -377,25 +280,18 @@ def _write_bad_files(img_dir: Path) -> None:
     _write_bomb_png(img_dir / "bad_bomb.png")
 
 
-LLAVA_SINGLES = [
-    ("astronaut.jpg", False, "<image>\n{q}"),
-    ("coffee.png", True, "<image>\n{q}"),
-    ("rocket.jpg", False, "{q}\n<image>"),
-    ("phone_portrait_exif6.jpg", True, "<image>\n{q}"),
-]
-"""LLaVA single-image records: (file, Chinese?, user text template)."""
-
-
 def _llava_records(images: dict[str, tuple[str, Writer]], rng: random.Random):
     """A few LLaVA-style records: single images, text-only, and a Chinese multi-turn one."""
     recs = []
     for n, (name, zh, template) in enumerate(LLAVA_SINGLES):
-        q, a = _qa(images[name][0], rng, zh)
-        conv = _turns(template.format(q=q), a, llava=True)
+        q, a = pick_qa(images[name][0], rng, zh)
+        conv = round_turns(template.format(q=q), a, llava=True)
         recs.append({"id": f"llava-{n:03d}", "image": f"{IMAGES}/{name}", "conversations": conv})
-    recs.append({"id": "llava-004", "conversations": _turns("What is 2 + 3?", "5.", llava=True)})
-    conv = _turns("<image>\n这是什么动物?", "这是一只猫。", llava=True)
-    conv += _turns("它是什么颜色?", "橘色带条纹。", llava=True)
+    recs.append(
+        {"id": "llava-004", "conversations": round_turns("What is 2 + 3?", "5.", llava=True)}
+    )
+    conv = round_turns("<image>\n这是什么动物?", "这是一只猫。", llava=True)
+    conv += round_turns("它是什么颜色?", "橘色带条纹。", llava=True)
     recs.append({"id": "llava-005", "image": f"{IMAGES}/chelsea.jpg", "conversations": conv})
     return recs
 
