@@ -79,10 +79,23 @@ class DatasetSource:
         """
         raise NotImplementedError
 
+    def _open(self, path: Path, indexer: Any) -> None:
+        """Set ``path``/``root`` and index the file once (cached per process)."""
+        self.path = path
+        self.root = path.absolute().parent
+        self._stamp = _stamp(path)
+        self.offsets = _cached_offsets(path, self._stamp, self.format, indexer)
+
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:
+        """Clip ``[start, stop)`` to the records, after checking the file did not change."""
         if start < 0 or stop < start:
             raise ValueError(f"bad record range [{start}, {stop}) for {self.path}")
         stop = min(stop, self.num_records)
+        if start < stop and _stamp(self.path) != self._stamp:
+            raise DatasetError(
+                f"{self.path} changed since it was indexed ({self.num_records} records); do "
+                "not edit the data file during a build (start again to re-index it)"
+            )
         return min(start, stop), stop
 
     def __repr__(self) -> str:
@@ -95,22 +108,13 @@ class JsonListSource(DatasetSource):
     format: DatasetFormat = "json"
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.root = path.absolute().parent
-        self._stamp = _stamp(path)
-        self.offsets = _cached_offsets(path, self._stamp, "json", _index_json)
-        """``offsets[i]``: byte offset of element ``i``; ``offsets[n]``: end of the last."""
+        self._open(path, _index_json)  # offsets[i]: element i's byte offset; [n]: the end
         self.num_records = len(self.offsets) - 1
 
     def read_range(self, start: int, stop: int) -> Iterator[tuple[int, RawRecord]]:
         start, stop = self._check_range(start, stop)
         if start == stop:
             return
-        if _stamp(self.path) != self._stamp:
-            raise DatasetError(
-                f"{self.path} changed since it was indexed ({self.num_records} records); do "
-                "not edit the data file during a build (start again to re-index it)"
-            )
         for index, record in read_elements(self.path, self.offsets, start, stop):
             if isinstance(record, dict):
                 yield index, record
@@ -124,22 +128,13 @@ class JsonLinesSource(DatasetSource):
     format: DatasetFormat = "jsonl"
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.root = path.absolute().parent
-        self._stamp = _stamp(path)
-        self.offsets = _cached_offsets(path, self._stamp, "jsonl", _index_lines)
-        """``offsets[i]``: byte offset of record ``i``'s line; ``array('q')``."""
+        self._open(path, _index_lines)  # offsets[i]: byte offset of record i's line
         self.num_records = len(self.offsets)
 
     def read_range(self, start: int, stop: int) -> Iterator[tuple[int, RawRecord]]:
         start, stop = self._check_range(start, stop)
         if start == stop:
             return
-        if _stamp(self.path) != self._stamp:
-            raise DatasetError(
-                f"{self.path} changed since it was indexed; do not edit the data file "
-                "during a build (start again to re-index it)"
-            )
         with open(self.path, "rb") as f:
             f.seek(self.offsets[start])
             for index in range(start, stop):
