@@ -60,29 +60,25 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(value: float | int, device: torch.device) -> float:
-    """Sum a number over all ranks (identity without a process group)."""
+def _all_reduce(value: float | int, device: torch.device, op: dist.ReduceOp) -> float:
+    """Reduce a number over all ranks with ``op`` (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return float(t.item())
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    return _all_reduce(value, device, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value: float | int, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return _all_reduce(value, device, dist.ReduceOp.MAX)
 
 
 def all_reduce_min(value: float | int, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return float(t.item())
+    return _all_reduce(value, device, dist.ReduceOp.MIN)
 
 
 def barrier() -> None:

@@ -204,14 +204,12 @@ class TorchEngine:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        grad_accum: int,
         grad_clip: float,
         info: DistInfo,
     ) -> None:
         self.module = model
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.grad_accum, self.grad_clip, self.info = grad_accum, grad_clip, info
-        self._micro = 0
+        self.grad_clip, self.info = grad_clip, info
         if info.world_size > 1:  # start from identical weights on every rank
             for tensor in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(tensor.data, src=0)
@@ -227,7 +225,6 @@ class TorchEngine:
 
     def step(self) -> None:
         """The accumulation boundary: sum gradients over ranks, clip, update."""
-        self._micro += 1
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.info.world_size > 1:
             for p in params:
@@ -248,7 +245,6 @@ class TorchEngine:
                 "model": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "micro": self._micro,
             }
             tmp = target / "engine.pt.tmp"
             torch.save(state, tmp)
@@ -259,7 +255,6 @@ class TorchEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self._micro = state["micro"]
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -285,4 +280,4 @@ def make_engine(
     if use_deepspeed:
         config = deepspeed_config(grad_accum, zero_stage, bf16, grad_clip, user_config)
         return DeepSpeedEngine(model, optimizer, scheduler, config, info)
-    return TorchEngine(model, optimizer, scheduler, grad_accum, grad_clip, info)
+    return TorchEngine(model, optimizer, scheduler, grad_clip, info)

@@ -9,6 +9,7 @@ micro-batches in plan order. With DataLoader workers, worker ``w`` builds micro-
 
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
 from collections.abc import Iterator
@@ -153,8 +154,6 @@ def make_micro_batch(
 
 
 def _json(members: dict[str, bytes], key: str) -> Any:
-    import json
-
     if "json" not in members:
         raise KeyError(f"sample {key} has no .json member")
     return json.loads(members["json"])

@@ -184,13 +184,7 @@ def _epoch_numbers(index: Any, request: PlanRequest, budgets: Any) -> dict[str, 
     family = "2.6" if "2.6" in index.params.get("profile", "") else "4.6"
     if family == "2.6":  # the 2.6 cost needs per-sample slice tables: read at run time
         return {"note": "2.6-family step counts need the slice table; mvtrain run reports them"}
-    plan_index = PlanIndex.from_arrays(
-        index.keys,
-        index.shard_ids,
-        index.num_tokens,
-        index.num_patches,
-        num_shards=len(index.shards),
-    )
+    plan_index = PlanIndex.from_index(index)
     rank_plans = all_rank_plans(
         plan_index,
         0,
