@@ -1,11 +1,12 @@
 """One short, prepared GPU check of the memory planner (issue: memory you can plan).
 
 On a single CUDA GPU: build a mid-size random MiniCPM-V 4.6 model (full-attention text
-layers, a real vocabulary-size head), generate and build the demo data at --max-res 1344,
-probe the model (fwd+bwd on worst-case synthetic batches, fit), plan budgets from the probe
-fit, train 20 steps with those budgets, and print predicted vs measured peak memory per
-step and the spread of measured peaks across steps. Finishes in well under 8 minutes on an
-H100/H200.
+layers, a real vocabulary-size head), generate and build the demo data at --max-res 1344
+(drawn stand-in photos: no scikit-image needed), probe the model (fwd+bwd on worst-case
+synthetic batches, fit), plan budgets from the probe fit (DeepSpeed ZeRO-2, bf16), train 20
+steps with those budgets, and print per step the predicted and measured peaks --
+``max_memory_allocated`` and ``max_memory_reserved`` -- and their spread across steps.
+Finishes in well under 8 minutes on an H100/H200. Needs only ``pip install -e '.[train]'``.
 
     python scripts/gpu_check.py [--workdir DIR] [--steps 20] [--target 0.6]
     python scripts/gpu_check.py --smoke     # CPU: the same code path, tiny sizes, no CUDA numbers
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
@@ -89,147 +91,140 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
-        py, bin_ = sys.executable, Path(sys.executable).parent
-        print(f"[{time.time() - started:5.0f}s] demo data + shards in {work}")
-        sh(py, str(REPO / "scripts" / "make_demo_data.py"), str(work / "data"))
-        sh(
-            str(bin_ / "mvprep"),
-            "build",
-            str(work / "data" / "demo.json"),
-            "--out",
-            str(work / "shards"),
-            "--max-res",
-            "1344",
-            "--workers",
-            "8" if cuda else "2",
-            "--no-progress",
-        )
-        model_dir = mid_size_model(work / "model", args.smoke)
-        gpu_mem = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * GiB
-        precision = "--bf16" if cuda else "--fp32"
-
-        fit_path = work / "probe.json"
-        plan_args = [
-            "--shards",
-            str(work / "shards"),
-            "--model",
-            str(model_dir),
-            "--gpu-mem",
-            str(gpu_mem),
-            "--target",
-            str(args.target),
-            precision,
-        ]
-        if cuda:
-            print(f"[{time.time() - started:5.0f}s] probe")
-            print(
-                sh(
-                    str(bin_ / "mvtrain"),
-                    "probe",
-                    "--shards",
-                    str(work / "shards"),
-                    "--model",
-                    str(model_dir),
-                    "--save",
-                    str(fit_path),
-                    precision,
-                ).strip()
-            )
-            plan_args += ["--probe", str(fit_path)]
-        plan = json.loads(sh(str(bin_ / "mvtrain"), "plan", *plan_args, "--json"))
-        if plan["token_budget"] is None:
-            sys.exit(f"the plan says nothing fits: {plan['error']}")
-        print(
-            f"[{time.time() - started:5.0f}s] plan: --token-budget {plan['token_budget']} "
-            f"--patch-budget {plan['patch_budget']}, predicted worst peak "
-            f"{plan['predicted_peak_bytes'] / GiB:.2f} GiB of {gpu_mem / GiB:.0f} GiB"
-        )
-
-        run_dir = work / "run"
-        steps = args.steps if cuda else 2
-        run_cmd = [
-            str(bin_ / "mvtrain"),
-            "run",
-            "--shards",
-            str(work / "shards"),
-            "--model",
-            str(model_dir),
-            "--output",
-            str(run_dir),
-            "--token-budget",
-            str(plan["token_budget"]),
-            "--patch-budget",
-            str(plan["patch_budget"]),
-            "--max-steps",
-            str(steps),
-            "--epochs",
-            "50",
-            "--no-progress",
-            "--no-export",
-            "--batch-log",
-            str(run_dir / "batches.jsonl"),
-            "--lr",
-            "1e-5",
-        ]
-        if cuda:
-            run_cmd.append("--bf16")
-        else:
-            run_cmd += ["--engine", "torch"]
-        print(f"[{time.time() - started:5.0f}s] train {steps} steps")
-        sh(*run_cmd)
-        report(plan, run_dir, cuda)
+        check(work, args.steps if cuda else 2, args.target, args.smoke, cuda, started)
     print(f"done in {time.time() - started:.0f}s")
 
 
-def report(plan: dict, run_dir: Path, cuda: bool) -> None:
-    """Predicted vs measured peak per step, and the spread of the measured peaks."""
-    from mvtrain.memory import TrainingSetup, activation_model, load_config_only
+def demo_shards(work: Path, cuda: bool) -> Path:
+    """The demo set (drawn photos) built at --max-res 1344 under ``work``."""
+    py, bin_ = sys.executable, Path(sys.executable).parent
+    sh(py, str(REPO / "scripts" / "make_demo_data.py"), str(work / "data"), "--drawn-photos")
+    sh(
+        str(bin_ / "mvprep"),
+        "build",
+        str(work / "data" / "demo.json"),
+        "--out",
+        str(work / "shards"),
+        "--max-res",
+        "1344",
+        "--workers",
+        "8" if cuda else "2",
+        "--no-progress",
+    )
+    return work / "shards"
 
-    act_coeffs = plan["activation_model"]
+
+def check(work: Path, steps: int, target: float, smoke: bool, cuda: bool, started: float) -> None:
+    """Data, model, probe (CUDA), plan, train, report."""
+    import torch
+
+    from mvtrain.memory_plan import PlanRequest
+
+    bin_ = Path(sys.executable).parent
+    mvtrain = str(bin_ / "mvtrain")
+    print(f"[{time.time() - started:5.0f}s] demo data + shards in {work}")
+    shards = demo_shards(work, cuda)
+    model_dir = mid_size_model(work / "model", smoke)
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * GiB
+    # CUDA: DeepSpeed in bf16, as `mvtrain run` picks there; CPU: the plain engine in fp32
+    engine, dtype = ("deepspeed", "bf16") if cuda else ("torch", "fp32")
+    fit_path = work / "probe.json" if cuda else None
+    setup = ["--model", str(model_dir), "--dtype", dtype]
+    if fit_path is not None:
+        print(f"[{time.time() - started:5.0f}s] probe")
+        print(sh(mvtrain, "probe", "--shards", str(shards), *setup, "--save", str(fit_path)))
+    request = PlanRequest(
+        shards=shards,
+        model=str(model_dir),
+        gpu_mem=gpu_mem,
+        target=target,
+        dtype=dtype,
+        engine=engine,
+        probe=fit_path,
+    )
+    plan_args = ["--shards", str(shards), *setup, "--gpu-mem", str(gpu_mem)]
+    plan_args += ["--target", str(target), "--engine", engine]
+    plan_args += ["--probe", str(fit_path)] if fit_path is not None else []
+    plan = json.loads(sh(mvtrain, "plan", *plan_args, "--json"))
+    if plan["token_budget"] is None:
+        sys.exit(f"the plan says nothing fits: {plan['error']}")
+    print(
+        f"[{time.time() - started:5.0f}s] plan: --token-budget {plan['token_budget']} "
+        f"--patch-budget {plan['patch_budget']}, {plan['engine']} {plan['dtype']}, predicted "
+        f"worst peak: allocated {plan['predicted_allocated_bytes'] / GiB:.2f} GiB, reserved "
+        f"{plan['predicted_reserved_bytes'] / GiB:.2f} GiB, device "
+        f"{plan['predicted_peak_bytes'] / GiB:.2f} GiB of {gpu_mem / GiB:.0f} GiB"
+    )
+    run_dir = work / "run"
+    run_cmd = [mvtrain, "run", "--shards", str(shards), "--model", str(model_dir)]
+    run_cmd += ["--output", str(run_dir), "--dtype", dtype, "--engine", engine]
+    run_cmd += ["--token-budget", str(plan["token_budget"])]
+    run_cmd += ["--patch-budget", str(plan["patch_budget"])]
+    run_cmd += ["--max-steps", str(steps), "--epochs", "50", "--no-progress", "--no-export"]
+    run_cmd += ["--batch-log", str(run_dir / "batches.jsonl"), "--lr", "1e-5"]
+    print(f"[{time.time() - started:5.0f}s] train {steps} steps")
+    sh(*run_cmd)
+    report(plan, request, run_dir)
+
+
+def _gib(value: float | None) -> str:
+    return f"{value / GiB:9.2f}" if value is not None else f"{'n/a':>9}"
+
+
+def _error(predicted: int, measured: int | None) -> str:
+    return f"{(predicted - measured) / measured:+7.1%}" if measured else f"{'n/a':>7}"
+
+
+def _spread(name: str, values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{name} {lo / GiB:.2f} .. {hi / GiB:.2f} GiB (max/min {hi / lo:.3f})"
+
+
+def report(plan: dict, request: Any, run_dir: Path) -> None:
+    """Per step: the worst micro-batch's predicted allocated and reserved peaks (the plan's
+    static and overhead terms, its activation model) next to the measured ones."""
+    from mvtrain.memory import Overhead, memory_breakdown
+    from mvtrain.memory_plan import activation_model_of
+
+    act = activation_model_of(request)
+    fields = ("cuda_context", "cublas_workspace", "nccl_buffers", "fragmentation_fraction")
+    overhead = Overhead(**{k: plan["overhead"][k] for k in fields})
     static = plan["static_bytes_per_gpu"]
-    config = load_config_only(plan["model"])
-    act = activation_model(config, TrainingSetup(bf16=cuda))
-    if plan.get("activation_from_probe"):
-        act = act.__class__(
-            **{
-                **act.__dict__,
-                "bytes_per_token": act_coeffs["bytes_per_token"],
-                "bytes_per_patch": act_coeffs["bytes_per_patch"],
-            }
-        )
     batches = [json.loads(x) for x in (run_dir / "batches.jsonl").read_text().splitlines()]
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     print(
-        f"{'step':>4} {'samples':>7} {'tokens':>7} {'patches':>8} {'predicted GiB':>14} "
-        f"{'measured GiB':>13} {'error':>7}"
+        f"{'step':>4} {'samples':>7} {'tokens':>7} {'patches':>8} | allocated: "
+        f"{'predicted GiB':>13} {'measured':>9} {'error':>7} | reserved: "
+        f"{'predicted GiB':>13} {'measured':>9} {'error':>7}"
     )
-    measured_all = []
+    allocated_all, reserved_all = [], []
     for m in metrics:
         step_batches = [b for b in batches if b["step"] == m["step"] - 1]
-        predicted = max(
-            static
-            + act.peak_bytes(
-                b["padded_tokens"], b["padded_patches"], b["num_samples"], b["max_len"]
-            )
+        peaks = [
+            act.peak_bytes(b["padded_tokens"], b["padded_patches"], b["num_samples"], b["max_len"])
             for b in step_batches
-        )
-        worst = max(step_batches, key=lambda b: b["padded_tokens"])
-        measured = m.get("max_memory_allocated")
-        if measured is not None:
-            measured_all.append(measured)
-        error = f"{(predicted - measured) / measured:+.1%}" if measured else "n/a"
-        shown = f"{measured / GiB:13.2f}" if measured else f"{'n/a':>13}"
+        ]
+        predicted = memory_breakdown(static, max(peaks), overhead)
+        worst = step_batches[peaks.index(max(peaks))]
+        allocated, reserved = m.get("max_memory_allocated"), m.get("max_memory_reserved")
+        allocated_all += [allocated] if allocated else []
+        reserved_all += [reserved] if reserved else []
         print(
             f"{m['step']:>4} {worst['num_samples']:>7} {worst['padded_tokens']:>7} "
-            f"{worst['padded_patches']:>8} {predicted / GiB:14.2f} {shown} {error:>7}"
+            f"{worst['padded_patches']:>8} | allocated: {_gib(predicted['allocated']):>13} "
+            f"{_gib(allocated)} {_error(predicted['allocated'], allocated)} | reserved: "
+            f"{_gib(predicted['reserved']):>13} {_gib(reserved)} "
+            f"{_error(predicted['reserved'], reserved)}"
         )
-    if measured_all:
-        lo, hi = min(measured_all), max(measured_all)
-        print(
-            f"measured peak spread across steps: {lo / GiB:.2f} .. {hi / GiB:.2f} GiB "
-            f"(max/min {hi / lo:.3f}); planned worst case "
-            f"{plan['predicted_peak_bytes'] / GiB:.2f} GiB"
-        )
+    if allocated_all:
+        print(f"measured spread across steps: {_spread('allocated', allocated_all)}")
+    if reserved_all:
+        print(f"measured spread across steps: {_spread('reserved', reserved_all)}")
+    print(
+        f"planned worst case: allocated {plan['predicted_allocated_bytes'] / GiB:.2f} GiB, "
+        f"reserved {plan['predicted_reserved_bytes'] / GiB:.2f} GiB, device "
+        f"{plan['predicted_peak_bytes'] / GiB:.2f} GiB (the overhead terms are estimates)"
+    )
 
 
 if __name__ == "__main__":

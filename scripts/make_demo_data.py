@@ -1,10 +1,13 @@
 """Generate the bundled demo / test data set: real photos, odd formats, and bad records.
 
-Usage: ``python scripts/make_demo_data.py OUT_DIR [--seed 0] [--count N] [--with-bad|--no-bad]``
+Usage: ``python scripts/make_demo_data.py OUT_DIR [--seed 0] [--count N] [--with-bad|--no-bad]
+[--drawn-photos]``
 
 Nothing is downloaded: photos are scikit-image's bundled samples (only those that load
 offline), everything else is drawn here from a seeded RNG. The same seed gives byte-identical
-files. Written under ``OUT_DIR``:
+files. ``--drawn-photos`` replaces the photos with drawn stand-ins of the same sizes and modes
+(smooth random colour fields), so the set can be made without scikit-image (the ``test``
+extra), e.g. by ``scripts/gpu_check.py``. Written under ``OUT_DIR``:
 
 * ``demo.json``: MiniCPM-V fine-tuning records (a JSON list; ``image`` a path or a dict of
   ``<image_NN>`` keys; ``conversations`` of ``role``/``content`` turns), English and Chinese,
@@ -52,6 +55,23 @@ PHOTOS = [
 ]
 """scikit-image samples bundled in the wheel (no pooch download needed, checked on 0.26)."""
 
+DRAWN_PHOTOS: dict[str, tuple[int, int, str]] = {
+    "astronaut": (512, 512, "RGB"),
+    "chelsea": (300, 451, "RGB"),
+    "coffee": (400, 600, "RGB"),
+    "rocket": (427, 640, "RGB"),
+    "hubble_deep_field": (872, 1000, "RGB"),
+    "retina": (1411, 1411, "RGB"),
+    "immunohistochemistry": (512, 512, "RGB"),
+    "camera": (512, 512, "L"),
+    "page": (191, 384, "L"),
+    "logo": (500, 500, "RGBA"),
+    "horse": (328, 400, "1"),
+    "motorcycle": (500, 741, "RGB"),
+}
+"""Height, width and PIL mode of each photo (as scikit-image 0.26 ships them), for the drawn
+stand-ins of ``--drawn-photos``."""
+
 
 # file name -> (subject, writer); writers take (photos, rng) and save to the given path.
 Writer = Callable[[Path, dict[str, Image.Image], np.random.Generator], None]
@@ -63,12 +83,32 @@ def _load_photos() -> dict[str, Image.Image]:
         from skimage import data
     except ImportError as e:  # pragma: no cover - environment problem
         raise SystemExit(
-            "make_demo_data: scikit-image is needed for the bundled photos; "
-            "install it with `pip install scikit-image` (the `test` extra)"
+            "make_demo_data: scikit-image is needed for the bundled photos; install it with "
+            "`pip install scikit-image` (the `test` extra), or pass --drawn-photos"
         ) from e
     photos = {name: Image.fromarray(getattr(data, name)()) for name in PHOTOS}
     photos["motorcycle"] = Image.fromarray(data.stereo_motorcycle()[0])
     return photos
+
+
+def _drawn_photo(name: str, height: int, width: int, mode: str) -> Image.Image:
+    """A smooth random colour field of the photo's size and mode, seeded by its name."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    coarse = rng.integers(0, 256, (max(2, height // 64), max(2, width // 64), 4), np.uint8)
+    field = np.asarray(
+        Image.fromarray(coarse, "RGBA").resize((width, height), Image.Resampling.BICUBIC)
+    )
+    if mode == "RGBA":
+        return Image.fromarray(field, "RGBA")
+    rgb = Image.fromarray(np.ascontiguousarray(field[..., :3]), "RGB")
+    if mode == "1":
+        return rgb.convert("L").point(lambda v: 255 if v >= 128 else 0).convert("1")
+    return rgb.convert(mode)
+
+
+def _drawn_photos() -> dict[str, Image.Image]:
+    """Stand-ins for :func:`_load_photos` drawn with numpy and PIL only."""
+    return {name: _drawn_photo(name, *shape) for name, shape in DRAWN_PHOTOS.items()}
 
 
 def _mosaic(photos: dict[str, Image.Image], size: tuple[int, int], rng: np.random.Generator):
@@ -335,8 +375,15 @@ def _readme(seed: int, good: list[str], llava: list[str], bad: dict[str, str]) -
     return "\n".join(lines) + "\n"
 
 
-def make_demo_dataset(out_dir: Path, seed: int = 0, count: int = 48, with_bad: bool = True) -> Path:
-    """Write the demo set under ``out_dir`` and return the path of ``demo.json``."""
+def make_demo_dataset(
+    out_dir: Path,
+    seed: int = 0,
+    count: int = 48,
+    with_bad: bool = True,
+    drawn_photos: bool = False,
+) -> Path:
+    """Write the demo set under ``out_dir`` and return the path of ``demo.json``;
+    ``drawn_photos``: drawn stand-ins instead of scikit-image's photos (no scikit-image)."""
     if count < 1:
         raise ValueError(f"--count must be at least 1, got {count}")
     out_dir = Path(out_dir)
@@ -356,7 +403,7 @@ def make_demo_dataset(out_dir: Path, seed: int = 0, count: int = 48, with_bad: b
         for rel in [paths] if isinstance(paths, str) else list(paths.values()):
             if rel not in used and rel.removeprefix(f"{IMAGES}/") in images:
                 used.append(rel)
-    photos = _load_photos()
+    photos = _drawn_photos() if drawn_photos else _load_photos()
     for rel in used:
         name = rel.split("/", 1)[1]
         # one RNG per file: an image's bytes do not depend on which others are written
@@ -407,8 +454,19 @@ def main(argv: list[str] | None = None) -> None:
         help="add records the build must reject (the default)",
     )
     bad.add_argument("--no-bad", dest="with_bad", action="store_false", help="only good records")
+    parser.add_argument(
+        "--drawn-photos",
+        action="store_true",
+        help="drawn stand-ins of the photos' sizes and modes (no scikit-image needed)",
+    )
     args = parser.parse_args(argv)
-    path = make_demo_dataset(args.out_dir, seed=args.seed, count=args.count, with_bad=args.with_bad)
+    path = make_demo_dataset(
+        args.out_dir,
+        seed=args.seed,
+        count=args.count,
+        with_bad=args.with_bad,
+        drawn_photos=args.drawn_photos,
+    )
     print(path)
 
 

@@ -227,8 +227,10 @@ def test_static_terms():
     lora = static_memory(p, pt, 8, 2)
     assert lora.weights == 2 * p and lora.optimizer_states == 8 * pt // 8
     assert lora.model_states < full[2].model_states
-    assert static_memory(p, p, 1, 2, bf16=False).weights == 4 * p
-    assert static_memory(p, p, 1, 2).buffer_bytes == 2 * 200_000_000 * 2
+    assert static_memory(p, p, 1, 2, dtype="fp32").weights == 4 * p
+    # overlap_comm: 4.5 x (reduce + all-gather buckets of 2e8) x 2 bytes (bf16 gradients)
+    assert static_memory(p, p, 1, 2).buffer_bytes == int(4.5 * (2e8 + 2e8) * 2)
+    assert static_memory(p, p, 1, 2, overlap_comm=False).buffer_bytes == 200_000_000 * 2
     assert static_memory(p, p, 1, 2, reduce_bucket_size=None).buffer_bytes == 0
     with pytest.raises(ValueError, match="ZeRO-3"):
         static_memory(p, p, 1, 3)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_train_run import _digests, _env, _losses, _train
+from test_train_run import MVTRAIN, PATCHES, TOKENS, _digests, _env, _losses, _train
 
 pytest.importorskip("deepspeed")
 
@@ -117,3 +119,26 @@ def test_backward_oom_under_deepspeed_stops_with_the_budgets_to_restart_from(
     )
     assert proc.returncode != 0
     assert "--resume --token-budget" in proc.stderr + proc.stdout
+
+
+def test_backward_oom_on_one_rank_under_deepspeed_ends_the_run_with_its_restart_budgets(
+    shards: Path, tmp_path: Path
+) -> None:
+    """Rank 0 waits inside ZeRO's backward reduce while rank 1 runs out of memory in
+    backward: no agreement is possible, so rank 1 writes the budgets and exits at once and
+    the launcher ends rank 0 (on NCCL anything else hangs until the watchdog)."""
+    out = tmp_path / "run"
+    cmd = [*MVTRAIN, "--shards", str(shards), "--model", "tiny", "--output", str(out)]
+    cmd += ["--token-budget", str(TOKENS), "--patch-budget", str(PATCHES), "--no-progress"]
+    cmd += ["--nproc-per-node", "2", "--max-steps", "3"]
+    env = _env(MVTRAIN_FAULT=f"oom-backward-rank1:{THRESHOLD}")
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 180
+    restart = json.loads((out / "restart.json").read_text())
+    assert restart["rank"] == 1
+    assert restart["token_budget"] < restart["padded_tokens"]
+    options = f"--resume --token-budget {restart['token_budget']} --patch-budget "
+    assert options + str(restart["patch_budget"]) == restart["resume_options"]
+    assert proc.stderr.count(restart["resume_options"]) == 1, proc.stderr[-3000:]

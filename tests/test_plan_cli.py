@@ -69,7 +69,8 @@ def test_nothing_fits_says_what_would(shards: Path) -> None:
 
 
 def test_run_with_auto_budgets_uses_the_plan(shards: Path, tmp_path: Path) -> None:
-    _, plan = _plan(shards, "--model", "tiny", "--gpu-mem", "4GiB", "--fp32")
+    plan_args = ("--model", "tiny", "--gpu-mem", "4GiB", "--dtype", "fp32", "--engine", "torch")
+    _, plan = _plan(shards, *plan_args)
     assert plan["token_budget"] is not None, plan.get("error")
     out = tmp_path / "run"
     proc = subprocess.run(
@@ -119,7 +120,8 @@ def test_probe_refuses_without_cuda(shards: Path, tmp_path: Path) -> None:
             str(shards),
             "--model",
             "tiny",
-            "--fp32",
+            "--dtype",
+            "fp32",
             "--save",
             str(tmp_path / "fit.json"),
         ],

@@ -50,7 +50,7 @@ from mvshards.schema import SampleMeta
 from mvshards.tario import iter_shard
 from mvtrain.cli import main as mvtrain_main
 from mvtrain.plan import slice_costs
-from mvtrain.report import GIB, parse_bytes, write_report
+from mvtrain.report import GIB, format_report, parse_bytes, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -385,6 +385,31 @@ def test_report_draws_gpu_memory_against_the_planned_line(tiny_run: Path, tmp_pa
     b = np.asarray(Image.open(tmp_path / "b.png").convert("RGB")).astype(int)
     assert a.shape == b.shape and np.abs(a - b).sum() > 0  # the planned line is drawn
     _check_png(tmp_path / "b.png", (1500, 800))
+
+
+def _with_memory(run: Path, key: str, base_gib: float) -> None:
+    """Add ``key`` (bytes) to every step of ``run``'s metrics: ``base_gib`` GiB, +1 per step."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for i, record in enumerate(records):
+        record[key] = int((base_gib + i) * GIB)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_draws_reserved_next_to_allocated(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "gpu-run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    _with_memory(run, "max_memory_allocated", 3)
+    allocated = write_report(run, tmp_path / "a.png", memory_budget=8 * GIB)
+    _with_memory(run, "max_memory_reserved", 4.5)
+    both = write_report(run, tmp_path / "b.png", memory_budget=8 * GIB)
+    assert allocated.series["max_memory_reserved"] == [None, None]
+    assert both.series["max_memory_reserved"] == [int(4.5 * GIB), int(5.5 * GIB)]
+    assert "peak GPU memory per step (GiB)" in both.panels
+    a = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "b.png").convert("RGB")).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).sum() > 0  # the reserved line is drawn
+    assert "peak reserved 5.50 GiB" in format_report(both)
+    assert "peak reserved" not in format_report(allocated)
 
 
 def test_report_errors_are_one_line(tmp_path: Path) -> None:

@@ -15,15 +15,22 @@
 Costs (:meth:`padded_cost`), from metadata alone (no pixels): tokens ``B * max_len`` for
 both; patches ``sum(num_patches)`` (4.6) or ``subimages * max_patches_per_subimage`` (2.6).
 
-Vision every step: a rank whose micro-batch has no image must still run the vision tower, or
-ZeRO-2's gradient reduce fails ("Received data size doesn't match expected size").
-:meth:`Native46Adapter.forward_loss` then runs :meth:`~Native46Adapter.vision_forward` on
-:meth:`~Native46Adapter.dummy_vision_inputs` and adds ``0 * features.sum()`` to the loss
-(zero gradients, unchanged loss). The 2.6 remote code does the same by itself in training
-mode (a 224x224 zero image, ``* 0``).
+Vision every step, through the real image path: a rank whose micro-batch has no image must
+still run the vision tower, or ZeRO-2's gradient reduce fails. It must also run it *where an
+image would run*: ZeRO-2 fills its reduce buckets in the order gradients become ready in
+backward, so every rank's graph needs the same shape or the ranks sum different parameters
+slot by slot (silently wrong gradients on NCCL, a size mismatch abort on gloo).
+:meth:`Native46Adapter.forward_loss` therefore sends the dummy image
+(:meth:`~Native46Adapter.dummy_vision_inputs`) through the model's own image path: it appends
+a column of placeholder positions -- the image token in row 0, padding elsewhere -- masked
+out of attention and labels, so the features are scattered into the LLM input as real ones
+are, and reach the loss with exactly zero weight. The 2.6 remote code does the same by itself
+in training mode (a 224x224 zero image added to the embeddings ``* 0``).
 
-Loss: :func:`token_loss_sum` returns the *sum* of token losses and the label count; the loop
-divides by the global label count of the accumulation window over all ranks.
+Loss: :func:`token_loss_sum` returns the *sum* of token losses and the label count (a tensor on
+the loss's device: reading it would be a host sync; the step counts labels on the host with
+:meth:`label_count` before the batch moves); the step divides by the global label count of
+the accumulation window over all ranks.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ from mvshards.profiles import PROFILES, get_profile
 from mvshards.schema import SampleMeta
 from mvtrain.pixels import PATCH_SIZE, sample_pixels
 from mvtrain.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_sample
+
+DUMMY_GRID = 4
+"""Side, in patches, of the dummy image a text-only 4.6 micro-batch runs (4x4 = 16 patches:
+the smallest grid the 2x2 window merger and then the 2x2 MLP merger accept)."""
 
 
 @dataclass
@@ -103,8 +114,8 @@ def cost_item(x: Any) -> CostItem:
 
 def token_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, pre_shifted: bool = False
-) -> tuple[torch.Tensor, int]:
-    """``(sum of token cross-entropies, number of label tokens)`` in float32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of token cross-entropies, number of label tokens)``, float32 and int64 tensors.
 
     ``pre_shifted=False`` (native): ``labels`` align with ``input_ids`` and logits at ``i``
     predict label ``i+1``. ``pre_shifted=True`` (2.6 family): ``labels[i]`` is already the
@@ -120,7 +131,7 @@ def token_loss_sum(
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    return loss, (labels != IGNORE_INDEX).sum()
 
 
 def _unwrap(model: Any) -> Any:
@@ -194,7 +205,7 @@ class Native46Adapter:
         The vision tower needs grids divisible by the 2x2 window merger, then by the 2x2 MLP
         merger ("16x"), so 4x4 is the minimum (1 LLM token; 4 in "4x").
         """
-        side = 4
+        side = DUMMY_GRID
         pixel_values = torch.zeros((1, 3, PATCH_SIZE, side * side * PATCH_SIZE), dtype=dtype)
         target_sizes = torch.tensor([[side, side]], dtype=torch.int32)
         return pixel_values.to(device), target_sizes.to(device)
@@ -208,28 +219,59 @@ class Native46Adapter:
         )
         return torch.cat(list(out.pooler_output), dim=0)
 
-    def forward_loss(self, model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+    def dummy_image_tokens(self, model: Any) -> int:
+        """LLM tokens of the dummy 4x4 image: 1 in "16x" mode, 4 in "4x"."""
+        mode = self.downsample_mode or _unwrap(model).config.downsample_mode
+        return DUMMY_GRID * DUMMY_GRID // (4 if mode == "4x" else 16)
+
+    def with_dummy_image(self, model: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """``batch`` (text only) with the dummy image on the real image path.
+
+        Appends ``k`` columns (the dummy image's LLM tokens): the image token in row 0, the
+        pad token in other rows, attention mask 0 and label ``-100`` everywhere. A masked
+        key is never attended to and an ignored label has zero gradient, so the loss and
+        every gradient are those of the text alone, while the graph runs vision tower ->
+        mergers -> placeholder scatter -> LLM exactly as for a real image. Works on tensors
+        already on the device (no host sync).
+        """
+        config = _unwrap(model).config
+        ids = batch["input_ids"]
+        rows, k = ids.shape[0], self.dummy_image_tokens(model)
+        extra = torch.full((rows, k), self.pad_token_id, dtype=ids.dtype, device=ids.device)
+        extra[0] = int(config.image_token_id)
+        mask = batch["attention_mask"]
+        labels = batch["labels"]
+        pixel_values, target_sizes = self.dummy_vision_inputs(ids.device)
+        return {
+            **batch,
+            "input_ids": torch.cat([ids, extra], dim=1),
+            "attention_mask": torch.cat([mask, mask.new_zeros((rows, k))], dim=1),
+            "labels": torch.cat([labels, torch.full_like(labels[:, :k], IGNORE_INDEX)], dim=1),
+            "pixel_values": pixel_values,
+            "target_sizes": target_sizes,
+        }
+
+    def forward_loss(
+        self, model: Any, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward ``batch`` (already on the model's device); ``(loss sum, label count)``.
 
-        Without images in the batch, the vision tower still runs on the dummy image and its
-        features enter the loss times zero.
+        A batch without images runs the dummy image through the real image path
+        (:meth:`with_dummy_image`).
         """
+        if batch.get("pixel_values") is None:
+            batch = self.with_dummy_image(model, batch)
         inputs: dict[str, Any] = {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
+            "pixel_values": batch["pixel_values"],
+            "target_sizes": batch["target_sizes"],
             "use_cache": False,
         }
-        if batch.get("pixel_values") is not None:
-            inputs["pixel_values"] = batch["pixel_values"]
-            inputs["target_sizes"] = batch["target_sizes"]
         if self.downsample_mode is not None:
             inputs["downsample_mode"] = self.downsample_mode
         out = model(**inputs)
-        loss, count = token_loss_sum(out.logits, batch["labels"])
-        if batch.get("pixel_values") is None:
-            features = self.vision_forward(model, *self.dummy_vision_inputs(_device(model)))
-            loss = loss + 0.0 * features.sum()
-        return loss, count
+        return token_loss_sum(out.logits, batch["labels"])
 
 
 class Remote26Adapter:
@@ -286,7 +328,9 @@ class Remote26Adapter:
     def label_count(batch: Mapping[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def forward_loss(self, model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+    def forward_loss(
+        self, model: Any, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``model(data=batch)`` as the official trainer calls it; loss on pre-shifted labels.
 
         The remote code runs its own zero-weighted dummy image for a batch without images.

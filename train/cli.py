@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,28 @@ def _launch(nproc: int, argv: list[str]) -> int:
         "mvtrain.cli",
         *argv,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=_launch_env(os.environ))
+
+
+def _launch_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The training processes' environment: ``environ`` plus one intra-op thread and the
+    CUDA allocator default (each unless already set)."""
+    from mvtrain.distributed import alloc_conf_env
+
+    return {
+        **environ,
+        "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", "1"),
+        **alloc_conf_env(environ),
+    }
+
+
+def _exit_now(message: str, code: int) -> None:
+    """Print ``message`` and end this process at once, skipping interpreter shutdown: other
+    ranks may be blocked in a collective this one left, and a process group torn down with
+    pending work can wait for it forever. The launcher then ends the other ranks."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -56,14 +77,25 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _budget(text: object, flag: str) -> int | None:
-    """An integer budget, or None for 'auto'."""
+def _int_or_auto(text: object, flag: str, kind: str = "a positive integer") -> int | None:
+    """An integer, or None for 'auto'; ``kind`` names the integers ``flag`` takes."""
     if str(text).lower() == "auto":
         return None
     try:
         return int(str(text))
     except ValueError:
-        raise ValueError(f"{flag} takes a positive integer or 'auto', got {text!r}") from None
+        raise ValueError(f"{flag} takes {kind} or 'auto', got {text!r}") from None
+
+
+def _dtype_option(dtype: str, bf16_alias: bool) -> str:
+    """``--dtype``, with the old ``--bf16`` flag read as ``--dtype bf16``."""
+    from mvtrain.precision import check_dtype
+
+    if not bf16_alias:
+        return check_dtype(dtype)
+    if dtype not in ("auto", "bf16"):
+        raise ValueError(f"--bf16 contradicts --dtype {dtype}: use --dtype alone")
+    return "bf16"
 
 
 @main.command("run")
@@ -111,7 +143,16 @@ def _budget(text: object, flag: str) -> int | None:
 @click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--freeze-vision", is_flag=True)
 @click.option("--grad-ckpt", is_flag=True)
-@click.option("--bf16", is_flag=True)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    metavar="auto|bf16|fp16|fp32",
+    help="Training precision. auto: bf16 where CUDA supports it, else fp32. DeepSpeed keeps "
+    "bf16/fp16 weights and its own fp32 master copy (fp16 with dynamic loss scaling); the "
+    "torch engine keeps fp32 weights, runs the forward under bf16 autocast and refuses fp16.",
+)
+@click.option("--bf16", "bf16_alias", is_flag=True, hidden=True, help="Same as --dtype bf16.")
 @click.option("--lr", type=float, default=1e-5, show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -120,12 +161,34 @@ def _budget(text: object, flag: str) -> int | None:
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
 @click.option("--dry-run", is_flag=True, help="The data path only: stream, tokenize, bucket, log.")
 @click.option("--trust-remote-code", is_flag=True, help="Needed for the 2.6 family.")
-@click.option("--loader-workers", type=int, default=0, show_default=True)
+@click.option(
+    "--loader-workers",
+    default="auto",
+    show_default=True,
+    help="DataLoader workers per rank; auto: 4 with pinned memory on CUDA, 0 on CPU",
+)
+@click.option(
+    "--dist-timeout",
+    "dist_timeout_minutes",
+    type=float,
+    default=60.0,
+    show_default=True,
+    metavar="MINUTES",
+    help="How long a collective waits for the other ranks before the run fails with a "
+    "timeout error (torch's defaults: 10 min under NCCL, 30 under gloo). Rank 0 alone "
+    "recounts token lengths and writes the export while the others wait in a barrier: "
+    "raise it for very large data sets or models.",
+)
 @click.option("--nproc-per-node", type=int, default=None, help="Launch this many processes here.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--no-export", is_flag=True, help="Skip the Hugging Face export at the end.")
 def run_command(
-    nproc_per_node: int | None, engine: str, no_progress: bool, no_export: bool, **options: object
+    nproc_per_node: int | None,
+    engine: str,
+    no_progress: bool,
+    no_export: bool,
+    bf16_alias: bool,
+    **options: object,
 ) -> None:
     """Train (or --dry-run the data path) on SHARDS."""
     if nproc_per_node and "RANK" not in os.environ:
@@ -135,8 +198,12 @@ def run_command(
     from mvtrain.run_config import RunConfig
 
     try:
-        options["token_budget"] = _budget(options["token_budget"], "--token-budget")
-        options["patch_budget"] = _budget(options["patch_budget"], "--patch-budget")
+        options["token_budget"] = _int_or_auto(options["token_budget"], "--token-budget")
+        options["patch_budget"] = _int_or_auto(options["patch_budget"], "--patch-budget")
+        options["loader_workers"] = _int_or_auto(
+            options["loader_workers"], "--loader-workers", "a count of workers (0: none)"
+        )
+        options["dtype"] = _dtype_option(str(options["dtype"]), bf16_alias)
         if options["gpu_mem"] is not None:
             options["gpu_mem"] = parse_bytes(str(options["gpu_mem"]))
     except ValueError as exc:
@@ -147,10 +214,14 @@ def run_command(
         export=not no_export,
         **options,  # type: ignore[arg-type]
     )
+    from mvtrain.step import BackwardOomError
+
     try:
         result = run(config)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except BackwardOomError as exc:
+        _exit_now(f"mvtrain: {exc} (saved in {Path(config.output) / 'restart.json'})", 3)
     if os.environ.get("RANK", "0") == "0":
         eff = result.efficiency
         last = result.losses[max(result.losses)] if result.losses else None
@@ -204,6 +275,17 @@ def report_command(out: Path, png: Path | None, memory_budget: str | None) -> No
     click.echo(format_report(report))
 
 
+def _dtype_choice(auto: str) -> Any:
+    """``--dtype`` of ``plan`` and ``probe``; ``auto`` explains what auto means there."""
+    return click.option(
+        "--dtype",
+        type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+        default="auto",
+        show_default=True,
+        help=f"Training precision; {auto}",
+    )
+
+
 def _plan_options(f: Any) -> Any:
     for option in reversed(
         [
@@ -224,7 +306,14 @@ def _plan_options(f: Any) -> Any:
             click.option("--lora-rank", type=int, default=8, show_default=True),
             click.option("--freeze-vision", is_flag=True),
             click.option("--grad-ckpt", is_flag=True),
-            click.option("--bf16/--fp32", default=True, show_default=True),
+            _dtype_choice("auto = bf16: a plan is for a GPU."),
+            click.option(
+                "--engine",
+                type=click.Choice(["deepspeed", "torch"]),
+                default="deepspeed",
+                show_default=True,
+                help="The engine `mvtrain run` will use (torch: no partitioning).",
+            ),
             click.option("--target", type=float, default=0.9, show_default=True),
             click.option("--grad-accum", type=int, default=1, show_default=True),
             click.option(
@@ -276,8 +365,9 @@ def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
     default=Path("mvkit-probe.json"),
     show_default=True,
 )
-@click.option("--bf16/--fp32", default=True, show_default=True)
+@_dtype_choice("auto = bf16 where the GPU supports it, else fp32.")
 @click.option("--lora", is_flag=True)
+@click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--freeze-vision", is_flag=True)
 @click.option("--grad-ckpt", is_flag=True)
 @click.option("--trust-remote-code", is_flag=True)
@@ -285,7 +375,9 @@ def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
     """On a GPU: measure fwd+bwd peaks on worst-case batches and fit the planner to them."""
     from mvshards.index import load_index
     from mvtrain.adapters import adapter_for
+    from mvtrain.memory.probe_fit import probe_setup
     from mvtrain.model_setup import build_model
+    from mvtrain.precision import resolve_dtype
     from mvtrain.probe import run_probe
     from mvtrain.run_config import RunConfig
 
@@ -297,6 +389,15 @@ def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
             "probe drives the native 4.6 family; plan the 2.6 family from its config"
         )
     adapter = adapter_for(index.params["profile"], bundle.tokenizer)
+    record = probe_setup(
+        bundle.model.config,
+        model,
+        resolve_dtype(config.dtype),
+        config.lora,
+        config.lora_rank,
+        config.freeze_vision,
+        config.grad_ckpt,
+    )
     try:
         fit = run_probe(
             bundle.model,
@@ -305,11 +406,12 @@ def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
             int(index.num_tokens.max()),
             int(index.num_patches.max()),
             save,
+            record,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
-        f"probe fit saved to {save}: {fit['bytes_per_token']:,.0f} B/token, "
+        f"probe fit ({record['dtype']}) saved to {save}: {fit['bytes_per_token']:,.0f} B/token, "
         f"{fit['bytes_per_patch']:,.0f} B/patch, const {fit['const_bytes'] / 2**30:.2f} GiB, "
         f"max error {fit['max_relative_error']:.1%}"
     )

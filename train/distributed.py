@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,30 @@ def ensure_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+"""The CUDA caching allocator's settings, as torch reads them (the second is the newer name)."""
+
+DEFAULT_ALLOC_CONF = "expandable_segments:True"
+"""Our default allocator setting: segments that grow instead of fragmenting under batches of
+varying shapes."""
+
+
+def alloc_conf_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables to add to ``environ`` for training processes:
+    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless either allocator variable is
+    already set (the user's choice is kept), else nothing."""
+    if any(name in environ for name in ALLOC_CONF_VARS):
+        return {}
+    return {ALLOC_CONF_VARS[0]: DEFAULT_ALLOC_CONF}
+
+
+def ensure_alloc_conf() -> dict[str, str]:
+    """Apply :func:`alloc_conf_env` to this process (before its first CUDA allocation, when
+    torch reads it); the allocator variables now in force."""
+    os.environ.update(alloc_conf_env(os.environ))
+    return {name: os.environ[name] for name in ALLOC_CONF_VARS if name in os.environ}
 
 
 def dist_info() -> DistInfo:

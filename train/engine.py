@@ -9,6 +9,10 @@ ranks -- so the gradients must be SUMMED over micro-batches and ranks, never ave
   the world size so that average becomes the sum.
 * The plain engine accumulates and all-reduces with SUM itself.
 
+Precision (``--dtype``, :mod:`mvtrain.precision`): DeepSpeed trains bf16/fp16 parameters
+with its own fp32 master copy; the plain engine keeps fp32 parameters and runs the forward
+under ``torch.autocast``. Buffers keep their dtype under both.
+
 On machines without CUDA, DeepSpeed's CPU communication backend would JIT-compile a
 shared-memory op at start (minutes on a small machine) that ZeRO training never uses; we
 replace its builder with one that returns None before the process group starts.
@@ -21,6 +25,7 @@ import importlib
 import json
 import math
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,11 +34,19 @@ import torch.distributed as dist
 from torch import nn
 
 from mvtrain.distributed import DistInfo
+from mvtrain.precision import (
+    Precision,
+    buffers_kept,
+    cast_parameters,
+    engine_precision,
+    torch_dtype,
+)
 
 
 class Engine(Protocol):
     module: nn.Module
     name: str
+    precision: Precision
 
     def __call__(self, **kwargs: Any) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -60,16 +73,23 @@ def skip_cpu_shm_op_build() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-def init_process_group(info: DistInfo, use_deepspeed: bool) -> None:
+def init_process_group(info: DistInfo, use_deepspeed: bool, timeout_minutes: float = 60.0) -> None:
+    """Start the default process group (DeepSpeed's, or torch's when more than one rank).
+
+    ``timeout_minutes`` bounds how long a collective waits for the other ranks (torch's
+    defaults: 10 minutes under NCCL, 30 under gloo) -- rank 0 alone recounts token lengths
+    and exports while the others wait in a barrier. Nothing happens if a group exists.
+    """
     if dist.is_initialized():
         return
+    timeout = timedelta(minutes=timeout_minutes)
     if use_deepspeed:
         import deepspeed
 
         skip_cpu_shm_op_build()
-        deepspeed.init_distributed(dist_backend=info.backend)
+        deepspeed.init_distributed(dist_backend=info.backend, timeout=timeout)
     elif info.world_size > 1:
-        dist.init_process_group(backend=info.backend)
+        dist.init_process_group(backend=info.backend, timeout=timeout)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -97,11 +117,14 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 def deepspeed_config(
     grad_accum: int,
     zero_stage: int = 2,
-    bf16: bool = False,
+    dtype: str = "fp32",
     grad_clip: float = 1.0,
     user_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The generated DeepSpeed config; keys of ``user_config`` override it (deep merge).
+
+    ``dtype`` (a resolved ``--dtype``) enables the ``bf16`` or ``fp16`` section (fp16 with
+    dynamic loss scaling); ``user_config`` may not change either ``enabled`` flag.
 
     ``train_micro_batch_size_per_gpu`` is nominal: micro-batches vary in size under the
     token and patch budgets, and DeepSpeed only uses it for throughput logging. Gradient
@@ -117,17 +140,27 @@ def deepspeed_config(
         "zero_optimization": {
             "stage": zero_stage,
             "contiguous_gradients": True,
-            "overlap_comm": cuda,
+            # DeepSpeed allows overlap with an unmanaged accumulation boundary on ZeRO-2 only
+            "overlap_comm": cuda and zero_stage == 2,
             "reduce_scatter": True,
             "reduce_bucket_size": 200_000_000,
             "allgather_bucket_size": 200_000_000,
         },
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(generated, user_config or {})
+    merged = _deep_merge(generated, user_config or {})
+    for section in ("bf16", "fp16"):
+        enabled = merged[section].get("enabled")
+        if enabled != generated[section]["enabled"]:
+            raise ValueError(
+                f"--deepspeed-config sets {section}.enabled to {enabled!r} but --dtype is "
+                f"{dtype}: choose the precision with --dtype"
+            )
+    return merged
 
 
 def load_user_config(path: Path | None) -> dict[str, Any]:
@@ -159,14 +192,15 @@ class DeepSpeedEngine:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         config: dict[str, Any],
         info: DistInfo,
+        precision: Precision,
     ) -> None:
         import deepspeed
 
-        self.info = info
-        self.config = config
-        self._engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
-        )
+        self.info, self.config, self.precision = info, config, precision
+        with buffers_kept(model):  # DeepSpeed may cast them with the parameters
+            self._engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+            )
         self.module = self._engine.module
 
     def __call__(self, **kwargs: Any) -> Any:
@@ -195,7 +229,12 @@ class DeepSpeedEngine:
 
 class TorchEngine:
     """Plain torch: gradients accumulate over ``backward`` calls; ``step`` (once per window)
-    sums them over ranks, clips and updates."""
+    sums them over ranks, clips and updates.
+
+    Mixed precision: the parameters are the fp32 master copy and the forward runs under
+    ``torch.autocast`` in ``precision.autocast`` (bf16), so AdamW updates far below a bf16
+    weight's resolution are kept.
+    """
 
     name = "torch"
 
@@ -206,16 +245,21 @@ class TorchEngine:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         grad_clip: float,
         info: DistInfo,
+        precision: Precision,
     ) -> None:
         self.module = model
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.grad_clip, self.info = grad_clip, info
+        self.grad_clip, self.info, self.precision = grad_clip, info, precision
         if info.world_size > 1:  # start from identical weights on every rank
             for tensor in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(tensor.data, src=0)
 
     def __call__(self, **kwargs: Any) -> Any:
-        return self.module(**kwargs)
+        if self.precision.autocast is None:
+            return self.module(**kwargs)
+        device_type = next(self.module.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch_dtype(self.precision.autocast)):
+            return self.module(**kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -272,12 +316,17 @@ def make_engine(
     grad_accum: int,
     grad_clip: float = 1.0,
     zero_stage: int = 2,
-    bf16: bool = False,
+    dtype: str = "fp32",
     user_config: dict[str, Any] | None = None,
 ) -> Engine:
+    """The engine for ``model`` training in ``dtype`` (a ``--dtype`` value; see
+    :func:`mvtrain.precision.engine_precision`). The model's floating-point parameters are
+    cast to the dtype the engine keeps them in first; its buffers are never cast."""
+    precision = engine_precision(dtype, use_deepspeed)
+    cast_parameters(model, torch_dtype(precision.weights))
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
     if use_deepspeed:
-        config = deepspeed_config(grad_accum, zero_stage, bf16, grad_clip, user_config)
-        return DeepSpeedEngine(model, optimizer, scheduler, config, info)
-    return TorchEngine(model, optimizer, scheduler, grad_clip, info)
+        config = deepspeed_config(grad_accum, zero_stage, precision.dtype, grad_clip, user_config)
+        return DeepSpeedEngine(model, optimizer, scheduler, config, info, precision)
+    return TorchEngine(model, optimizer, scheduler, grad_clip, info, precision)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from mvtrain.adapters import Adapter, LoadedSample, load_sample
 from mvtrain.plan import RankPlan
 
 log = logging.getLogger("mvtrain.loader")
+
+AUTO_WORKERS = 4
+"""Most DataLoader workers per rank that ``--loader-workers auto`` starts on CUDA."""
 
 
 class ShardAccess:
@@ -78,6 +82,12 @@ class MicroBatch:
     length_mismatches: list[str]
     samples: list[LoadedSample]
     """The loaded samples, kept so an OOM can split the micro-batch and re-collate."""
+
+    def pin_memory(self) -> MicroBatch:
+        """The model inputs in page-locked memory, so ``non_blocking`` copies to the GPU
+        really overlap (the DataLoader's pin thread calls this)."""
+        self.inputs = _map_tensors(self.inputs, lambda t: t.pin_memory())
+        return self
 
 
 class PlannedBatches(IterableDataset):
@@ -159,9 +169,25 @@ def _json(members: dict[str, bytes], key: str) -> Any:
     return json.loads(members["json"])
 
 
-def batch_iterator(dataset: PlannedBatches, num_workers: int) -> Iterator[MicroBatch]:
+def default_loader_workers(cuda: bool) -> int:
+    """``--loader-workers auto``: none on CPU (the training thread has the cores), else up to
+    :data:`AUTO_WORKERS` per rank within this rank's share of the CPUs, one left for the
+    training thread."""
+    if not cuda:
+        return 0
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) // local_ranks
+    return max(1, min(AUTO_WORKERS, share - 1))
+
+
+def batch_iterator(
+    dataset: PlannedBatches, num_workers: int, pin_memory: bool = False
+) -> Iterator[MicroBatch]:
+    """The dataset's micro-batches in order, built by ``num_workers`` DataLoader workers (0:
+    on this thread); with ``pin_memory`` their inputs come in page-locked memory."""
     if num_workers <= 0:
-        yield from dataset
+        for batch in dataset:
+            yield batch.pin_memory() if pin_memory else batch
         return
     loader = DataLoader(
         dataset,
@@ -170,16 +196,21 @@ def batch_iterator(dataset: PlannedBatches, num_workers: int) -> Iterator[MicroB
         persistent_workers=False,
         prefetch_factor=2,
         collate_fn=lambda x: x,
+        pin_memory=pin_memory,
     )
     yield from loader
 
 
-def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(device, non_blocking=True)
-        if isinstance(value, list):
-            return [move(v) for v in value]
-        return value
+def _map_tensors(value: Any, fn: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
 
-    return {k: move(v) for k, v in inputs.items()}
+
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``inputs`` on ``device``; copies from pinned memory do not block the host."""
+    return _map_tensors(inputs, lambda t: t.to(device, non_blocking=True))

@@ -26,20 +26,29 @@ from mvshards.index import load_index
 from mvtrain.adapters import adapter_for
 from mvtrain.bucketer import Budgets, CostModel
 from mvtrain.checkpoint import TrainState, load_checkpoint, newest_checkpoint, save_checkpoint
-from mvtrain.distributed import DistInfo, all_reduce_sum, barrier, device_for, dist_info
+from mvtrain.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    device_for,
+    dist_info,
+    ensure_alloc_conf,
+)
 from mvtrain.engine import deepspeed_available, init_process_group, load_user_config, make_engine
 from mvtrain.lengths import exact_lengths
-from mvtrain.loader import PlannedBatches, batch_iterator
+from mvtrain.loader import PlannedBatches, batch_iterator, default_loader_workers
 from mvtrain.metrics import BatchLog, Efficiency, Scalars
 from mvtrain.model_setup import build_model, load_tokenizer_only, parameter_counts
 from mvtrain.plan import PlanIndex, RankPlan, all_rank_plans, equal_step_plans, plan_report
+from mvtrain.precision import engine_precision
 from mvtrain.run_config import RunConfig
-from mvtrain.step import LiveBudgets, WindowRunner
+from mvtrain.step import RESTART_FILE, LiveBudgets, WindowRunner
 
 log = logging.getLogger("mvtrain")
 
 FAULT_ENV = "MVTRAIN_FAULT"
-"""Fault injection for tests: ``kill-after-step:K`` SIGKILLs every rank right after step K."""
+"""Fault injection for tests: ``kill-after-step:K`` SIGKILLs every rank right after step K;
+``slow-recount:S`` makes rank 0 sleep S seconds after recounting lengths, before the barrier."""
 
 
 @dataclass
@@ -101,9 +110,11 @@ def _plan_epochs(
     return EpochPlans(steps, plans, reports)
 
 
-def _auto_budgets(config: RunConfig, info: DistInfo) -> tuple[RunConfig, int]:
-    """Fill 'auto' budgets from the memory plan (every rank computes the same numbers)."""
+def _auto_budgets(config: RunConfig, info: DistInfo, use_deepspeed: bool) -> tuple[RunConfig, int]:
+    """Fill 'auto' budgets from the memory plan of this run's engine and precision (``auto``
+    resolved on this machine); every rank computes the same numbers."""
     from mvtrain.memory_plan import PlanRequest, make_plan
+    from mvtrain.precision import resolve_dtype
 
     gpu_mem = config.gpu_mem
     if gpu_mem is None:
@@ -121,10 +132,11 @@ def _auto_budgets(config: RunConfig, info: DistInfo) -> tuple[RunConfig, int]:
             lora_rank=config.lora_rank,
             freeze_vision=config.freeze_vision,
             grad_ckpt=config.grad_ckpt,
-            bf16=config.bf16,
+            dtype=resolve_dtype(config.dtype),
             target=config.target,
             grad_accum=config.grad_accum,
             probe=config.probe,
+            engine="deepspeed" if use_deepspeed else "torch",
         )
     )
     if plan["token_budget"] is None:
@@ -157,16 +169,24 @@ def _inject_fault(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _slow_recount() -> None:
+    action, _, seconds = os.environ.get(FAULT_ENV, "").partition(":")
+    if action == "slow-recount":
+        time.sleep(float(seconds))
+
+
 def run(config: RunConfig) -> RunResult:
     config.validate()
+    alloc_conf = ensure_alloc_conf()
     info = dist_info()
     use_ds = deepspeed_available() if config.use_deepspeed is None else config.use_deepspeed
     if use_ds and not deepspeed_available():
         raise RuntimeError("DeepSpeed is not installed: pip install 'mvkit[train]' or drop --zero")
+    precision = engine_precision(config.dtype, use_ds)
     if not config.dry_run:
-        init_process_group(info, use_ds)
+        init_process_group(info, use_ds, config.dist_timeout_minutes)
     elif info.world_size > 1:
-        init_process_group(info, use_deepspeed=False)
+        init_process_group(info, use_deepspeed=False, timeout_minutes=config.dist_timeout_minutes)
     torch.manual_seed(config.seed)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -174,7 +194,7 @@ def run(config: RunConfig) -> RunResult:
 
     index = load_index(Path(config.shards))
     profile = index.params["profile"]
-    bundle = None if config.dry_run else build_model(config)
+    bundle = None if config.dry_run else build_model(config, precision.weights)
     tokenizer = bundle.tokenizer if bundle else load_tokenizer_only(config)
     family = bundle.family if bundle else ("4.6" if "4.6" in profile else "2.6")
     if ("4.6" in profile) != (family == "4.6"):
@@ -185,10 +205,11 @@ def run(config: RunConfig) -> RunResult:
     cost_model = CostModel.for_profile(profile)
     planned_peak = None
     if config.token_budget is None or config.patch_budget is None:
-        config, planned_peak = _auto_budgets(config, info)
+        config, planned_peak = _auto_budgets(config, info, use_ds)
     cache = output / "cache"
     if info.is_main:  # rank 0 recounts and caches; the others then read the cache
         lengths = exact_lengths(index, tokenizer, profile, cache, progress=config.progress)
+        _slow_recount()
     barrier()
     if not info.is_main:
         lengths = exact_lengths(index, tokenizer, profile, cache)
@@ -228,7 +249,7 @@ def run(config: RunConfig) -> RunResult:
             total_steps=total_steps,
             grad_accum=config.grad_accum,
             zero_stage=config.zero_stage,
-            bf16=config.bf16,
+            dtype=precision.dtype,
             user_config=load_user_config(config.deepspeed_config),
         )
         if config.resume:
@@ -248,6 +269,8 @@ def run(config: RunConfig) -> RunResult:
         device,
         batch_log,
         on_event=lambda event: _record_event(output, state, event),
+        restart_file=output / RESTART_FILE,
+        planned_budgets=LiveBudgets(tokens=config.token_budget, patches=config.patch_budget),
     )
     scalars = Scalars(output / "tensorboard" if info.is_main and config.tensorboard else None)
     metrics_file = output / "metrics.jsonl"
@@ -259,6 +282,9 @@ def run(config: RunConfig) -> RunResult:
         disable=not (config.progress and info.is_main),
         dynamic_ncols=True,
     )
+    workers = config.loader_workers
+    if workers is None:
+        workers = default_loader_workers(device.type == "cuda")
     if info.is_main:
         (output / "run.json").write_text(
             json.dumps(
@@ -266,6 +292,9 @@ def run(config: RunConfig) -> RunResult:
                     "config": {k: str(v) for k, v in vars(config).items()},
                     "world_size": info.world_size,
                     "engine": engine.name if engine else "dry-run",
+                    "precision": precision.as_dict(),
+                    "loader_workers": workers,
+                    "cuda_alloc_conf": alloc_conf,
                     "params": parameter_counts(bundle.model) if bundle else None,
                     "steps_per_epoch": epochs.steps,
                     "plan": {str(e): r for e, r in epochs.report.items()},
@@ -292,7 +321,7 @@ def run(config: RunConfig) -> RunResult:
                 profile,
                 adapter,
             )
-            stream = batch_iterator(dataset, config.loader_workers)
+            stream = batch_iterator(dataset, workers, pin_memory=device.type == "cuda")
             for _ in range(in_epoch, epochs.steps[epoch]):
                 window = [next(stream) for _ in range(config.grad_accum)]
                 if torch.cuda.is_available():
@@ -303,9 +332,11 @@ def run(config: RunConfig) -> RunResult:
                 loss = None
                 if engine is None:
                     _dry_window(window, info, step, batch_log)
+                    trained = sum(b.real_tokens for b in window if b.weight)
+                    tokens = all_reduce_sum(trained, device)
                 else:
                     outcome = runner.run(window, budgets, step)
-                    loss = outcome.loss
+                    loss, tokens = outcome.loss, outcome.tokens
                     state.budgets = budgets.as_dict()
                 elapsed = time.perf_counter() - started
                 step += 1
@@ -314,7 +345,6 @@ def run(config: RunConfig) -> RunResult:
                     for mismatch in batch.length_mismatches:
                         log.warning("exact length differs from the plan: %s", mismatch)
                     result.length_mismatches += len(batch.length_mismatches)
-                tokens = all_reduce_sum(sum(b.real_tokens for b in window if b.weight), device)
                 record = {
                     "step": step,
                     "epoch": epoch,
@@ -328,6 +358,7 @@ def run(config: RunConfig) -> RunResult:
                     record["lr"] = engine.current_lr()
                 if torch.cuda.is_available():
                     record["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+                    record["max_memory_reserved"] = torch.cuda.max_memory_reserved()
                 if info.is_main:
                     with open(metrics_file, "a") as handle:
                         handle.write(json.dumps(record) + "\n")

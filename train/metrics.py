@@ -21,6 +21,10 @@ class BatchLog:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
+    @property
+    def enabled(self) -> bool:
+        return self._fd is not None
+
     def write(
         self, rank: int, step: int, micro: int, batch: MicroBatch, loss: float | None
     ) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from mvtrain.attention import use_batched_varlen_attention
+from mvtrain.precision import cast_parameters, torch_dtype
 from mvtrain.run_config import RunConfig
 
 LORA_TARGETS = (
@@ -45,7 +45,15 @@ def vision_modules(model: nn.Module) -> list[nn.Module]:
     raise ValueError("cannot find the vision tower (vision_tower / vpm) to freeze")
 
 
-def build_model(config: RunConfig) -> ModelBundle:
+def build_model(config: RunConfig, weights: str | None = None) -> ModelBundle:
+    """The model to train, in train mode, its floating-point parameters in ``weights``
+    (``bf16``/``fp16``/``fp32``; None: the resolved ``config.dtype``).
+
+    A loaded model is read from its folder in that dtype; the tiny one is built in float32 and
+    cast. Only parameters are cast: buffers (RoPE ``inv_freq``...) keep the dtype they are
+    built or loaded in.
+    """
+    dtype = torch_dtype(weights or config.dtype)
     if config.model == "tiny":
         from mvtrain.tiny import build_tiny_model
 
@@ -55,7 +63,7 @@ def build_model(config: RunConfig) -> ModelBundle:
         from mvtrain.models import load_model
 
         model, tokenizer, family = load_model(
-            config.model, trust_remote_code=config.trust_remote_code, dtype=None
+            config.model, trust_remote_code=config.trust_remote_code, dtype=dtype
         )
     if family == "4.6":
         use_batched_varlen_attention(model)
@@ -77,8 +85,7 @@ def build_model(config: RunConfig) -> ModelBundle:
             target_modules=LORA_TARGETS,
         )
         model = get_peft_model(model, lora)
-    if config.bf16:
-        model = model.to(torch.bfloat16)
+    cast_parameters(model, dtype)
     model.train()
     return ModelBundle(model=model, tokenizer=tokenizer, family=family)
 

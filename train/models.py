@@ -15,6 +15,7 @@ Nothing is downloaded: ``path`` must be a local folder.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,8 @@ Family = Literal["4.6", "2.6"]
 
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")
 REMOTE_MODEL_TYPES = ("minicpmv", "minicpmo")
+
+log = logging.getLogger("mvtrain")
 
 
 class ModelLoadError(Exception):
@@ -69,22 +72,35 @@ def detect_family(path: Path | str) -> Family:
 
 
 def _torch_dtype(dtype: Any) -> Any:
+    """A ``torch.dtype`` for ``dtype``: a ``torch.dtype``, a ``--dtype`` name, or None
+    (float32)."""
     import torch
 
-    if dtype is None or isinstance(dtype, torch.dtype):
+    from mvtrain.precision import torch_dtype
+
+    if isinstance(dtype, torch.dtype):
         return dtype
-    names = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-    }
-    try:
-        return names[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}") from None
+    return torch_dtype("fp32" if dtype is None else str(dtype))
+
+
+def _warn_low_precision_buffers(model: Any, folder: Path) -> None:
+    """Name the floating-point buffers that came out below float32 (modelling code that
+    builds them in the default dtype, which ``from_pretrained`` sets to the load dtype)."""
+    import torch
+
+    low = [
+        name
+        for name, buf in model.named_buffers()
+        if buf.is_floating_point() and buf.dtype != torch.float32
+    ]
+    if low:
+        log.warning(
+            "%s: %d buffers loaded below float32 (%s%s); their values are rounded",
+            folder,
+            len(low),
+            ", ".join(low[:3]),
+            ", ..." if len(low) > 3 else "",
+        )
 
 
 def load_model(
@@ -92,15 +108,18 @@ def load_model(
 ) -> tuple[Any, Any, Family]:
     """``(model, tokenizer, family)`` from the local folder ``path``, the model in train mode.
 
-    ``dtype``: a ``torch.dtype`` or ``"bf16"``/``"fp16"``/``"fp32"``; None keeps float32.
-    The 2.6 family raises :class:`ModelLoadError` unless ``trust_remote_code`` is set.
+    ``dtype``: the parameter dtype, a ``torch.dtype`` or a ``--dtype`` name (``"bf16"``,
+    ``"fp16"``, ``"fp32"``, ``"auto"``); None is float32. It is always passed to
+    ``from_pretrained``, whose own default (``"auto"``) would follow the checkpoint's dtype.
+    Buffers keep the dtype the modelling code builds them in (float32 RoPE frequencies for
+    the native 4.6 family). The 2.6 family raises :class:`ModelLoadError` unless
+    ``trust_remote_code`` is set.
     """
     from transformers import AutoTokenizer
 
     folder = Path(path)
     family = detect_family(folder)
-    torch_dtype = _torch_dtype(dtype)
-    kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
     if family == "4.6":
         from transformers import AutoModelForImageTextToText
 
@@ -119,5 +138,6 @@ def load_model(
             kwargs.update(init_vision=True, init_audio=False, init_tts=False)
         model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    _warn_low_precision_buffers(model, folder)
     model.train()
     return model, tokenizer, family

@@ -2,14 +2,20 @@
 
 Runs forward + backward of the real model on synthetic worst-case batches -- the longest
 token length alone, the largest patch count with a short text, both together, and points in
-between -- records ``torch.cuda.max_memory_allocated`` above the static baseline for each,
-and fits ``bytes = a * padded_tokens + b * padded_patches + c`` by least squares. The fit is
-saved as JSON; ``mvtrain plan --probe FIT`` and ``mvtrain run --probe FIT`` use it.
+between -- records ``torch.cuda.max_memory_allocated`` above the static baseline (the
+weights) for each, and fits ``bytes = a * padded_tokens + b * padded_patches + c`` by least
+squares. Each parameter's gradient is freed as soon as it is accumulated, as ZeRO does once
+it has reduced it into its bucket: the persistent gradient storage is the planner's static
+memory, so the fit holds activations and transients only. The fit is saved as JSON with the
+setup it was measured with (:func:`mvtrain.memory.probe_fit.probe_setup`);
+``mvtrain plan --probe FIT`` and ``mvtrain run --probe FIT`` use it when that setup matches.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mvtrain.memory.probe_fit import FIT_FORMAT
 from mvtrain.memory.saved_tensors import image_tokens_for_grid, synthetic_native_batch
 
 
@@ -42,7 +49,25 @@ def probe_shapes(max_tokens: int, max_patches: int) -> list[tuple[int, int, int]
     return shapes
 
 
+@contextmanager
+def gradients_freed_as_produced(model: torch.nn.Module) -> Iterator[None]:
+    """Drop each trainable parameter's ``.grad`` right after autograd accumulates it."""
+
+    def drop(param: torch.Tensor) -> None:
+        param.grad = None
+
+    handles = [
+        p.register_post_accumulate_grad_hook(drop) for p in model.parameters() if p.requires_grad
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def measure_point(model: torch.nn.Module, adapter: Any, batch: dict[str, Any]) -> int:
+    """Peak bytes of forward + backward above what is allocated before (the weights)."""
     device = torch.device("cuda")
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -50,8 +75,9 @@ def measure_point(model: torch.nn.Module, adapter: Any, batch: dict[str, Any]) -
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    loss, _count = adapter.forward_loss(model, inputs)
-    loss.backward()
+    with gradients_freed_as_produced(model):
+        loss, _count = adapter.forward_loss(model, inputs)
+        loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     model.zero_grad(set_to_none=True)
@@ -60,6 +86,8 @@ def measure_point(model: torch.nn.Module, adapter: Any, batch: dict[str, Any]) -
 
 
 def fit_points(points: list[ProbePoint]) -> dict[str, float]:
+    """Least-squares ``peak = a*tokens + b*patches + c`` over the points (``a``, ``b``
+    clipped at 0) and the largest relative error of the fit on them."""
     a = np.array([[p.padded_tokens, p.padded_patches, 1.0] for p in points], dtype=np.float64)
     y = np.array([p.peak_bytes for p in points], dtype=np.float64)
     (per_token, per_patch, const), *_ = np.linalg.lstsq(a, y, rcond=None)
@@ -101,8 +129,10 @@ def run_probe(
     max_tokens: int,
     max_patches: int,
     out: Path,
+    setup: dict[str, Any],
 ) -> dict[str, Any]:
-    """Measure the probe shapes on the GPU, fit, save the fit to ``out``; return it."""
+    """Measure the probe shapes on the GPU, fit, save the fit with ``setup`` (the record of
+    :func:`~mvtrain.memory.probe_fit.probe_setup`) to ``out``; return it."""
     if not torch.cuda.is_available():
         raise RuntimeError(
             "mvtrain probe measures GPU memory and needs CUDA; on this machine use "
@@ -115,8 +145,22 @@ def run_probe(
         peak = measure_point(model, adapter, batch)
         width = batch["input_ids"].shape[1]
         points.append(ProbePoint(batch_size * width, patches // 1024 * 1024, batch_size, peak))
-    fit = fit_points(points)
-    result = {**fit, "points": [p.__dict__ for p in points], "device": torch.cuda.get_device_name()}
+    param_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return write_fit(points, setup, out, torch.cuda.get_device_name(), param_dtype)
+
+
+def write_fit(
+    points: list[ProbePoint], setup: dict[str, Any], out: Path, device: str, param_dtype: str
+) -> dict[str, Any]:
+    """Fit ``points`` and save the fit, with the ``setup`` it holds for, to ``out``."""
+    result = {
+        "format": FIT_FORMAT,
+        **fit_points(points),
+        "setup": setup,
+        "param_dtype": param_dtype,
+        "points": [p.__dict__ for p in points],
+        "device": device,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return result

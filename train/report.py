@@ -3,7 +3,8 @@
 Panels (x = optimizer step): loss; learning rate; tokens/s; token and patch efficiency
 (real / padded, running over the run); token and patch budget utilisation (padded cost per
 micro-batch / budget, running) against the budget line at 1.0; and peak GPU memory per step
-(``torch.cuda.max_memory_allocated``, logged only on CUDA) against the planned memory line.
+(``torch.cuda.max_memory_allocated`` and, when logged, ``max_memory_reserved`` -- what an
+out-of-memory error is about; both only on CUDA) against the planned memory line.
 The planned line is ``memory_budget`` when given, else the first of
 :data:`PLANNED_MEMORY_KEYS` found in ``run.json`` (top level or under ``"memory"``); a CPU
 run says so in that panel instead.
@@ -150,6 +151,7 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
         "token_budget_utilisation",
         "patch_budget_utilisation",
         "max_memory_allocated",
+        "max_memory_reserved",
     )
     series = {n: [r.get(n) for r in records] for n in names}
     report = RunReport(
@@ -187,7 +189,11 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
             report.panels.append(title)
     axes[1, 0].set_ylim(0, 1.05)
     axes[1, 1].set_ylim(0, 1.1)
-    _memory_panel(axes[1, 2], steps, series["max_memory_allocated"], memory_budget, report)
+    peaks = [
+        ("allocated", series["max_memory_allocated"]),
+        ("reserved", series["max_memory_reserved"]),
+    ]
+    _memory_panel(axes[1, 2], steps, peaks, memory_budget, report)
     engine = run.get("engine", "?")
     fig.suptitle(
         f"{out}: {len(steps)} steps, engine {engine}, world size {run.get('world_size', '?')}, "
@@ -199,16 +205,21 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
 
 
 def _memory_panel(
-    ax: Any, steps: list[int], peak: list[Any], budget: int | None, report: RunReport
+    ax: Any,
+    steps: list[int],
+    peaks: list[tuple[str, list[Any]]],
+    budget: int | None,
+    report: RunReport,
 ) -> None:
+    """Allocated and reserved peaks per step (each when logged) against the planned line."""
     title = "peak GPU memory per step (GiB)"
-    gib = [v / GIB if v is not None else None for v in peak]
-    logged = [v for v in gib if v is not None]
+    lines = [(name, [v / GIB if v is not None else None for v in values]) for name, values in peaks]
+    logged = [v for _, values in lines for v in values if v is not None]
     if logged and budget is not None:
         ax.axhline(budget / GIB, color="crimson", linestyle="--", label="planned")
         ax.set_ylim(0, max(max(logged), budget / GIB) * 1.1)
     empty = "no GPU memory logged\n(a CPU run)"
-    if _panel(ax, steps, [("max_memory_allocated", gib)], title, empty):
+    if _panel(ax, steps, lines, title, empty):
         report.panels.append(title)
         if budget is None:
             ax.text(0.5, 0.05, "no planned line", ha="center", transform=ax.transAxes)
@@ -234,4 +245,7 @@ def format_report(report: RunReport) -> str:
     peaks = [v for v in report.series["max_memory_allocated"] if v is not None]
     if peaks:
         parts.append(f"peak memory {max(peaks) / GIB:.2f} GiB")
+    reserved = [v for v in report.series["max_memory_reserved"] if v is not None]
+    if reserved:
+        parts.append(f"peak reserved {max(reserved) / GIB:.2f} GiB")
     return ", ".join(parts) + f"\nwrote {report.png}"

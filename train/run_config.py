@@ -33,7 +33,9 @@ class RunConfig:
     lora_rank: int = 8
     freeze_vision: bool = False
     grad_ckpt: bool = False
-    bf16: bool = False
+    dtype: str = "auto"
+    """Training precision, one of :data:`mvtrain.precision.DTYPES`; ``auto``: bf16 where
+    CUDA supports it, else fp32."""
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -43,13 +45,18 @@ class RunConfig:
     resume: bool = False
     dry_run: bool = False
     trust_remote_code: bool = False
-    loader_workers: int = 0
+    loader_workers: int | None = None
+    """DataLoader workers per rank; None: auto."""
     shuffle_buffer: int = 1000
     progress: bool = True
     tensorboard: bool = True
     export: bool = True
+    dist_timeout_minutes: float = 60.0
+    """How long a collective waits for the other ranks before failing."""
 
     def validate(self) -> None:
+        from mvtrain.precision import check_dtype
+
         for name, value in (
             ("--token-budget", self.token_budget),
             ("--patch-budget", self.patch_budget),
@@ -66,6 +73,11 @@ class RunConfig:
             raise ValueError(
                 f"--zero must be 0, 1 or 2 (ZeRO-3 is not supported), got {self.zero_stage}"
             )
+        check_dtype(self.dtype)
+        if self.dist_timeout_minutes <= 0:
+            raise ValueError(f"--dist-timeout must be positive, got {self.dist_timeout_minutes}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ValueError(f"--loader-workers must be >= 0 or 'auto', got {self.loader_workers}")
         if self.save_every is not None and self.save_every < 1:
             raise ValueError(f"--save-every must be >= 1, got {self.save_every}")
         if not (Path(self.shards) / "manifest.json").exists():

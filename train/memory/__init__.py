@@ -6,7 +6,8 @@
   estimator).
 * :mod:`.activations` -- :class:`ActivationModel` from the config (:func:`activation_model`).
 * :mod:`.saved_tensors` -- :func:`measure_saved_bytes`, the ground truth it is tested against.
-* :mod:`.budgets` -- :func:`plan_budgets`, :func:`predicted_peak_bytes`.
+* :mod:`.budgets` -- :func:`plan_budgets`, :func:`predicted_peak_bytes`, :class:`Overhead`.
+* :mod:`.probe_fit` -- a ``mvtrain probe`` fit as an activation model, and its setup check.
 """
 
 from mvtrain.memory.activations import (
@@ -16,10 +17,11 @@ from mvtrain.memory.activations import (
     predict_peak_activation_bytes,
 )
 from mvtrain.memory.budgets import (
-    DEFAULT_OVERHEAD,
     BudgetError,
     BudgetPlan,
     IndexStats,
+    Overhead,
+    memory_breakdown,
     plan_budgets,
     predicted_peak_bytes,
     worst_batch_peak,
@@ -31,21 +33,26 @@ from mvtrain.memory.params import (
     load_config_only,
     meta_model,
 )
+from mvtrain.memory.probe_fit import ProbeFitModel, check_probe_setup, load_probe_fit
 from mvtrain.memory.static import StaticMemory, static_memory, torch_engine_static_memory
 
 __all__ = [
-    "DEFAULT_OVERHEAD",
     "ActivationModel",
     "BudgetError",
     "BudgetPlan",
     "IndexStats",
+    "Overhead",
     "ParamCounts",
+    "ProbeFitModel",
     "RemoteConfig",
     "StaticMemory",
     "TrainingSetup",
     "activation_model",
+    "check_probe_setup",
     "count_parameters",
     "load_config_only",
+    "load_probe_fit",
+    "memory_breakdown",
     "meta_model",
     "plan_budgets",
     "predict_peak_activation_bytes",
