@@ -10,7 +10,7 @@ patch grids, token count, and the layout that ``compute_layout`` gives today for
 original size and the build's parameters; every problem is written in red under the row
 and the row gets a red frame.
 
-The placeholder text is :func:`mvtrain.tokenize.image_span_text` (no tokenizer needed: the
+The placeholder text is :func:`mvtrain.data.tokenize.image_span_text` (no tokenizer needed: the
 span strings default to ``<unk>`` as the image token, the tiny and 2.6 tokenizers' choice)
 substituted by :func:`mvshards.conversation.expand_placeholders`, the code the trainer runs.
 

@@ -3,11 +3,10 @@
 Sources, all written by ``mvprep build``:
 
 * ``manifest.json``: build parameters, the shard list and totals (rejects by reason);
-* ``index/NNNNNN.json``: per sample ``[key, num_tokens, num_patches, num_images]`` and, in
-  ``stats[IMAGE_TABLE_KEY]``, one column per :data:`IMAGE_COLUMNS` with one value per image
-  (images in sample order, each sample's images in order), so that slices per image and
-  original resolutions need no tar either. Indexes built before the image table existed
-  still give every per-sample number; the per-image ones are then reported as missing.
+* ``index/NNNNNN.json``: per sample ``[key, num_tokens, num_patches, num_images]`` and the
+  per-image table (:mod:`mvshards.image_table`), so that slices per image and original
+  resolutions need no tar either. Indexes built before the image table existed still give
+  every per-sample number; the per-image ones are then reported as missing.
 
 Percentiles use the nearest-rank definition (numpy ``method="inverted_cdf"``): ``pQ`` is the
 smallest value that at least Q% of the items do not exceed, always a value that occurs, so
@@ -23,40 +22,26 @@ the manifest's) and raises the same errors.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mvshards.cost import CostModel, CostTotals
+from mvshards.image_table import (
+    ImageColumns,
+    concat_columns,
+    read_image_table,
+    sample_slice_costs,
+)
 from mvshards.index import IndexMissingError, entry_path, read_manifest
-from mvshards.profiles import get_profile
-from mvshards.schema import ImageEntry
+from mvshards.profiles import DEFAULT_PROFILE, get_profile
+from mvshards.units import nearest_rank
 
-IMAGE_TABLE_KEY = "image_table"
-"""Key of the per-image columns in a shard entry's ``stats``."""
-IMAGE_COLUMNS = ("slices", "width", "height", "patches", "max_subimage_patches")
-"""Per image: slices (0 = not sliced), original width and height, vision patches (source +
-slices) and the patches of its largest (sub)image (the 2.6 family pads every slice to it)."""
 PERCENTILES = (50, 90, 99)
 _BUDGET_KEYS = ("token_budget", "patch_budget")
-
-
-def new_image_table() -> dict[str, list[int]]:
-    """An empty per-shard image table: one list per :data:`IMAGE_COLUMNS` name."""
-    return {name: [] for name in IMAGE_COLUMNS}
-
-
-def add_image_rows(table: dict[str, list[int]], images: Iterable[ImageEntry]) -> None:
-    """Append one value per column for each image of one sample (in image order)."""
-    for image in images:
-        layout = image.layout
-        table["slices"].append(layout.num_slices)
-        table["width"].append(layout.original_size[0])
-        table["height"].append(layout.original_size[1])
-        table["patches"].append(layout.num_patches)
-        table["max_subimage_patches"].append(max((r * c for r, c in layout.tgt_sizes), default=0))
 
 
 @dataclass
@@ -69,8 +54,8 @@ class IndexArrays:
     patches: np.ndarray
     images: np.ndarray
     """Images per sample (int64, dataset order)."""
-    image_columns: dict[str, np.ndarray] | None
-    """:data:`IMAGE_COLUMNS` -> int64 array over all images; None when a shard lacks them."""
+    image_columns: ImageColumns | None
+    """The per-image table over all images; None when a shard lacks it."""
     missing_image_table: list[str] = field(default_factory=list)
     """Entry files without a usable image table (built by an older mvprep)."""
 
@@ -84,7 +69,7 @@ def load_index_arrays(out: Path) -> IndexArrays:
     out = Path(out)
     manifest = read_manifest(out)
     sample_cols: list[np.ndarray] = []
-    image_cols: dict[str, list[np.ndarray]] = {name: [] for name in IMAGE_COLUMNS}
+    image_cols: list[ImageColumns] = []
     missing: list[str] = []
     for item in manifest["shards"]:
         path = entry_path(out, int(item["unit"]))
@@ -104,20 +89,14 @@ def load_index_arrays(out: Path) -> IndexArrays:
         if samples:
             _, tokens, patches, images = zip(*samples, strict=True)
             sample_cols.append(np.array((tokens, patches, images), dtype=np.int64))
-        table = (entry.get("stats") or {}).get(IMAGE_TABLE_KEY)
-        wanted = int(sample_cols[-1][2].sum()) if samples else 0
-        if not _table_ok(table, wanted):
+        num_images = int(sample_cols[-1][2].sum()) if samples else 0
+        table = read_image_table(entry.get("stats"), num_images)
+        if table is None:
             missing.append(str(path))
-            continue
-        for name in IMAGE_COLUMNS:
-            image_cols[name].append(np.asarray(table[name], dtype=np.int64))
+        else:
+            image_cols.append(table)
     table_arr = np.concatenate(sample_cols, axis=1) if sample_cols else np.zeros((3, 0), np.int64)
-    columns = None
-    if not missing:
-        columns = {
-            name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            for name, parts in image_cols.items()
-        }
+    columns = None if missing else concat_columns(image_cols)
     return IndexArrays(
         out=out,
         manifest=manifest,
@@ -129,19 +108,12 @@ def load_index_arrays(out: Path) -> IndexArrays:
     )
 
 
-def _table_ok(table: Any, num_images: int) -> bool:
-    return isinstance(table, dict) and all(
-        isinstance(table.get(name), list) and len(table[name]) == num_images
-        for name in IMAGE_COLUMNS
-    )
-
-
 def percentiles(values: Sequence[float] | np.ndarray) -> dict[str, float | int | None]:
     """``{"p50", "p90", "p99", "max"}`` by nearest rank (None for no values); ints stay ints."""
     arr = np.asarray(values)
     if arr.size == 0:
         return {**{f"p{q}": None for q in PERCENTILES}, "max": None}
-    found = np.percentile(arr, [*PERCENTILES, 100], method="inverted_cdf")
+    found = nearest_rank(arr, [*PERCENTILES, 100])
     cast = int if np.issubdtype(arr.dtype, np.integer) else float
     return {
         **{f"p{q}": cast(v) for q, v in zip(PERCENTILES, found[:-1], strict=True)},
@@ -149,30 +121,26 @@ def percentiles(values: Sequence[float] | np.ndarray) -> dict[str, float | int |
     }
 
 
-def per_sample_patch_cost(arrays: IndexArrays, family: str) -> np.ndarray | None:
-    """Padded patches of a micro-batch holding each sample alone, as the model pads it.
-
-    4.6 family (NaViT packing): the sample's patches. 2.6 family (every (sub)image padded
-    to the longest): (sources + slices) x the largest (sub)image's patches. None when the
-    2.6 cost needs the image table and the index has none.
-    """
-    if family == "4.6":
-        return arrays.patches
-    cols = arrays.image_columns
-    if cols is None:
+def per_sample_patch_cost(arrays: IndexArrays, cost: CostModel) -> np.ndarray | None:
+    """Padded patches of a micro-batch holding each sample alone, by ``cost`` (the family's
+    rule, :meth:`~mvshards.cost.CostModel.alone` per sample). None when the rule pads
+    (sub)images and the index has no per-image table to count them."""
+    zeros = np.zeros_like(arrays.patches)
+    if arrays.image_columns is not None:
+        slices, largest = sample_slice_costs(arrays.images, arrays.image_columns)
+    elif cost.pads_subimages:
         return None
-    owner = np.repeat(np.arange(len(arrays.images)), arrays.images)
-    subimages = np.bincount(owner, weights=cols["slices"] + 1, minlength=len(arrays.images))
-    largest = np.zeros(len(arrays.images), dtype=np.int64)
-    np.maximum.at(largest, owner, cols["max_subimage_patches"])
-    return subimages.astype(np.int64) * largest
+    else:
+        slices, largest = zeros, zeros
+    totals = CostTotals(1, arrays.tokens, arrays.patches, slices, largest)
+    return np.asarray(cost.padded_totals(totals)[1], dtype=np.int64)
 
 
 def dataset_stats(arrays: IndexArrays) -> dict[str, Any]:
     """Counts, rejects by reason, percentiles and the budgets that hold p99 and max samples."""
     totals = arrays.manifest.get("totals", {})
     profile = arrays.params.get("profile")
-    family = get_profile(profile).family if profile else "4.6"
+    cost = get_profile(profile or DEFAULT_PROFILE).family.cost
     cols = arrays.image_columns
     counts = {
         "records": int(totals.get("records", 0)),
@@ -201,8 +169,8 @@ def dataset_stats(arrays: IndexArrays) -> dict[str, Any]:
             f"{len(arrays.missing_image_table)} index entries have no per-image table (built "
             "by an older mvprep): slices and resolutions are missing; rebuild into a new --out"
         )
-    patch_cost = per_sample_patch_cost(arrays, family)
-    budgets: dict[str, Any] = {"cost_model": family}
+    patch_cost = per_sample_patch_cost(arrays, cost)
+    budgets: dict[str, Any] = {"cost_model": cost.name}
     for name in ("p99", "max"):
         budgets[name] = {
             "token_budget": percentiles(arrays.tokens)[name],

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mvprep.stats import IndexArrays
+from mvshards.families import get_family
 
 FIGSIZE = (12.0, 9.0)
 DPI = 100
@@ -53,7 +54,8 @@ def _joint(ax: Any, fig: Any, arrays: IndexArrays, stats: dict[str, Any]) -> Non
     ax.set_ylim(yedges[0], yedges[-1] * 1.04 + 1)
     p99 = stats["budgets"]["p99"]
     ax.axvline(p99["token_budget"], color="crimson", linestyle="--", linewidth=1.2)
-    if stats["budgets"]["cost_model"] == "4.6" and p99["patch_budget"] is not None:
+    packed = not get_family(stats["budgets"]["cost_model"]).cost.pads_subimages
+    if packed and p99["patch_budget"] is not None:  # padded costs are not raw patches
         ax.axhline(p99["patch_budget"], color="crimson", linestyle="--", linewidth=1.2)
     ax.text(
         0.99,

@@ -21,8 +21,8 @@ from mvprep.options import BuildOptions
 from mvprep.readers import open_dataset
 from mvprep.records import RecordError, normalize_record
 from mvprep.sample_builder import SampleTooLongError, build_sample
-from mvprep.stats import IMAGE_TABLE_KEY, add_image_rows, new_image_table
 from mvprep.tokens import make_token_counter
+from mvshards.image_table import IMAGE_TABLE_KEY, add_image_rows, new_image_table
 from mvshards.index import ShardEntry, shard_name, write_entry
 from mvshards.tario import ShardWriter
 
@@ -104,7 +104,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
     rows: list[list[Any]] = []
     rejects: list[dict[str, Any]] = []
     num_images = image_bytes = 0
-    image_table = new_image_table()  # per image: slices, original size... (mvprep stats)
+    image_table = new_image_table()  # per image: slices, original size... (image_table)
     with ShardWriter(out / shard_name(spec.unit)) as writer:
         for index, raw in source.read_range(spec.start, spec.stop):
             events.on_record(index)

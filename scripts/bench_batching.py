@@ -7,11 +7,11 @@ Usage::
                                      [--world-size 1] [--grad-accum 1] [--shards DIR]
 
 On a seeded synthetic index (default) or a built dataset folder (``--shards DIR``, read with
-``mvshards.index.load_index``; under the 2.6 cost the sample JSON members are read for the
-slice table), three batchings of the same samples are compared:
+``mvshards.index.load_index``; under the 2.6 cost an index without the per-image table has
+the sample JSON members read for the slice table), three batchings of the same samples are compared:
 
-* ``ours``: :func:`mvtrain.plan.all_rank_plans` (shard shuffle, shuffle buffer, streaming
-  2-D bucketer, windowed batch shuffle, costliest first);
+* ``ours``: :func:`mvtrain.batching.schedule.all_rank_plans` (shard shuffle, shuffle
+  buffer, streaming 2-D bucketer, windowed batch shuffle, costliest first);
 * ``fixed4``: batch size 4 in random order (the official fine-tuning scripts);
 * ``grouped``: length-grouped batching (random mega-batches of 50 batches, sorted by tokens,
   chunked; HF ``group_by_length``) with our mean batch size.
@@ -34,13 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from mvshards.cost import CostModel, SampleCost
 from mvshards.index import load_index
 from mvshards.layout import assign_image_ids, compute_layout, num_image_tokens
 from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
 from mvshards.tario import iter_shard
-from mvtrain.bucketer import Batch, Budgets, CostModel, SampleCost, make_batch
-from mvtrain.plan import (
+from mvtrain.batching.bucketer import Batch, make_batch
+from mvtrain.batching.schedule import (
     PlanIndex,
     SliceTable,
     all_rank_plans,
@@ -49,6 +50,7 @@ from mvtrain.plan import (
     plan_report,
     slice_costs,
 )
+from mvtrain.budgets import Budgets
 
 
 def synthetic_index(
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_index(args.shards)
         profile = str(dataset.params.get("profile", args.profile))
         model = CostModel.for_profile(profile)
-        table = shards_slice_table(args.shards) if model.family == "2.6" else None
+        old_index = model.pads_subimages and dataset.image_columns is None
+        table = shards_slice_table(args.shards) if old_index else None
         index = PlanIndex.from_index(dataset, table)
         source = f"{args.shards} ({len(index)} samples, {index.num_shards} shards, {profile})"
     else:
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "grouped": batch_stats(grouped_batches(samples, size, args.seed, budgets, model), budgets),
     }
     tok, pat = index.tokens, index.patches
-    print(f"index: {source}; cost model {model.family}; budgets {budgets.tokens} tokens, "
+    print(f"index: {source}; cost model {model.name}; budgets {budgets.tokens} tokens, "
           f"{budgets.patches} patches")  # fmt: skip
     print(f"tokens p5/p50/p95 {np.percentile(tok, [5, 50, 95]).round().tolist()}, patches "
           f"p50/p95/max {np.percentile(pat, [50, 95, 100]).round().tolist()}, "

@@ -9,7 +9,7 @@ Generates a seeded set of records (12 MP phone JPEGs -- some portrait shots stor
 with EXIF orientation 6, as phones write them --, 2-4 MP JPEGs, PNG screenshots, a few
 two-image records), builds shards with ``mvprep.build.build`` (profile ``minicpmv-4.6``,
 ``--max-res 1344``), plans micro-batches with the trainer's planner
-(:func:`mvtrain.plan.epoch_plan`, default budgets), then times, on one thread, the same
+(:func:`mvtrain.batching.schedule.epoch_plan`, default budgets), then times, on one thread, the same
 micro-batches in the same order through:
 
 (a) ``official``: what the official MiniCPM-V fine-tuning dataset class (``finetune/dataset.py``
@@ -18,7 +18,7 @@ micro-batches in the same order through:
     (``mvshards.layout``, equal to the official ``slice_image`` arithmetic), bicubic resize of
     the full decode to the source and to the refine size, PIL crop of the slices,
     ``ToTensor`` + ``Normalize(0.5, 0.5)``, ``reshape_by_patch`` (``unfold``) to
-    ``[3, 14, L*14]``. Tokenization is ``mvtrain.tokenize.tokenize_sample`` with the tiny
+    ``[3, 14, L*14]``. Tokenization is ``mvtrain.data.tokenize.tokenize_sample`` with the tiny
     tokenizer on the same conversation (equal text work), collation
     ``Native46Adapter.collate`` (equal collate work). Two variants:
     ``official+exif`` applies ``ImageOps.exif_transpose`` after opening (what a correct
@@ -72,20 +72,23 @@ if SCRIPTS not in sys.path:  # run as a script it is there; loaded by file path 
     sys.path.insert(0, SCRIPTS)
 from official_baseline import PATCH, PROFILE_NAME, OfficialPath, StageTimer  # noqa: E402
 
-import mvtrain.pixels as pixels_mod  # noqa: E402
+import mvtrain.data.pixels as pixels_mod  # noqa: E402
 from mvprep.build import build  # noqa: E402
 from mvprep.options import BuildOptions  # noqa: E402
+from mvshards.cost import CostModel  # noqa: E402
 from mvshards.index import load_index  # noqa: E402
 from mvshards.profiles import get_profile  # noqa: E402
 from mvshards.schema import SampleMeta  # noqa: E402
-from mvtrain.adapters import LoadedSample, adapter_for  # noqa: E402
-from mvtrain.bucketer import Budgets, CostModel  # noqa: E402
-from mvtrain.lengths import iter_sample_json  # noqa: E402
-from mvtrain.loader import MicroBatch, PlannedBatches, ShardAccess  # noqa: E402
-from mvtrain.plan import PlanIndex, epoch_plan  # noqa: E402
+from mvtrain.batching.plan_index import PlanIndex  # noqa: E402
+from mvtrain.batching.schedule import epoch_plan  # noqa: E402
+from mvtrain.budgets import Budgets  # noqa: E402
+from mvtrain.data.lengths import iter_sample_json  # noqa: E402
+from mvtrain.data.loader import MicroBatch, PlannedBatches, ShardAccess  # noqa: E402
+from mvtrain.data.sample import LoadedSample  # noqa: E402
+from mvtrain.data.tokenize import tokenize_sample  # noqa: E402
+from mvtrain.model.adapters import adapter_for  # noqa: E402
+from mvtrain.model.tiny import load_tiny_tokenizer  # noqa: E402
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET  # noqa: E402
-from mvtrain.tiny import load_tiny_tokenizer  # noqa: E402
-from mvtrain.tokenize import tokenize_sample  # noqa: E402
 
 MAX_RES = 1344
 ROTATING_ORIENTATIONS = {5, 6, 7, 8}
@@ -247,7 +250,7 @@ def our_batches(dataset: PlannedBatches, keep: bool = False) -> tuple[int, list[
 
 def our_breakdown(dataset: PlannedBatches, tokenizer: Any, adapter: Any, timer: StageTimer) -> None:
     """The same work as :meth:`PlannedBatches.build`, stage by stage (the real functions;
-    ``mvtrain.pixels.decode_rgb`` is wrapped to time decoding inside ``sample_pixels``)."""
+    ``mvtrain.data.pixels.decode_rgb`` is wrapped to time decoding inside ``sample_pixels``)."""
     original = pixels_mod.decode_rgb
 
     def timed_decode(*a: Any, **k: Any) -> np.ndarray:
@@ -408,7 +411,8 @@ def run_bench(
     tokenizer = load_tiny_tokenizer()
     adapter = adapter_for(profile, tokenizer)
 
-    # plan: exact lengths with the training tokenizer (as mvtrain.lengths does), then 2-D budgets
+    # plan: exact lengths with the training tokenizer (as mvtrain.data.lengths does),
+    # then 2-D budgets
     metas: dict[str, SampleMeta] = {}
     for shard in index.shard_paths():
         for obj in iter_sample_json(shard):

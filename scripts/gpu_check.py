@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mvshards.units import GiB
+
 REPO = Path(__file__).resolve().parents[1]
-GiB = 1 << 30
 
 
 def mid_size_model(folder: Path, smoke: bool) -> Path:
@@ -32,7 +33,7 @@ def mid_size_model(folder: Path, smoke: bool) -> Path:
     import torch
     from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
-    from mvtrain.tiny import load_tiny_tokenizer, tiny_model_config
+    from mvtrain.model.tiny import load_tiny_tokenizer, tiny_model_config
 
     tokenizer = load_tiny_tokenizer()
     base = tiny_model_config(tokenizer).to_dict()
@@ -118,7 +119,7 @@ def check(work: Path, steps: int, target: float, smoke: bool, cuda: bool, starte
     """Data, model, probe (CUDA), plan, train, report."""
     import torch
 
-    from mvtrain.memory_plan import PlanRequest
+    from mvtrain.memory.plan import PlanRequest
 
     bin_ = Path(sys.executable).parent
     mvtrain = str(bin_ / "mvtrain")
@@ -184,7 +185,7 @@ def report(plan: dict, request: Any, run_dir: Path) -> None:
     """Per step: the worst micro-batch's predicted allocated and reserved peaks (the plan's
     static and overhead terms, its activation model) next to the measured ones."""
     from mvtrain.memory import Overhead, memory_breakdown
-    from mvtrain.memory_plan import activation_model_of
+    from mvtrain.memory.plan import activation_model_of
 
     act = activation_model_of(request)
     fields = ("cuda_context", "cublas_workspace", "nccl_buffers", "fragmentation_fraction")

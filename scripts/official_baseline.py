@@ -27,9 +27,9 @@ from PIL import Image, ImageOps
 from mvshards.layout import compute_layout
 from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
-from mvtrain.adapters import LoadedSample
-from mvtrain.plan import RankPlan
-from mvtrain.tokenize import tokenize_sample
+from mvtrain.batching.schedule import RankPlan
+from mvtrain.data.sample import LoadedSample
+from mvtrain.data.tokenize import tokenize_sample
 
 PROFILE_NAME = "minicpmv-4.6"
 PATCH = 14

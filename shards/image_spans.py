@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mvshards.families import Family
 from mvshards.profiles import Profile
 from mvshards.schema import ImageEntry
 
@@ -56,9 +57,10 @@ def image_span_text(entry: ImageEntry, profile: Profile, tokens: SpanTokens) -> 
     return text
 
 
-def span_tokens(tokenizer: Any, family: str) -> SpanTokens:
-    """The span strings of ``family`` (``"4.6"``/``"2.6"``) with this tokenizer."""
-    if family == "4.6":
+def span_tokens(tokenizer: Any, family: Family) -> SpanTokens:
+    """The span strings of ``family`` with this tokenizer: its named tokens when the family
+    takes them from the tokenizer, else ``unk_token`` as the query and literal brackets."""
+    if family.named_span_tokens:
         query = getattr(tokenizer, "image_token", None) or tokenizer.unk_token
         return SpanTokens(
             query=query,
@@ -69,6 +71,4 @@ def span_tokens(tokenizer: Any, family: str) -> SpanTokens:
             id_start=getattr(tokenizer, "image_id_start_token", None) or "<image_id>",
             id_end=getattr(tokenizer, "image_id_end_token", None) or "</image_id>",
         )
-    if family == "2.6":
-        return SpanTokens(query=tokenizer.unk_token)
-    raise ValueError(f"unknown model family {family!r}; expected '4.6' or '2.6'")
+    return SpanTokens(query=tokenizer.unk_token)

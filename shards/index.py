@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 import mvshards
+from mvshards.image_table import ImageColumns, concat_columns, read_image_table, sample_slice_costs
 from mvshards.tario import write_atomic
 
 INDEX_DIR = "index"
@@ -81,7 +82,12 @@ class ShardEntry:
     rejects: list[dict[str, Any]] = field(default_factory=list)
     """``{"index", "id", "reason", "error", "record"}`` per rejected record of the unit."""
     stats: dict[str, Any] = field(default_factory=dict)
-    """Free-form per-shard numbers (images, image bytes, seconds, CPU seconds...)."""
+    """Per-shard numbers (images, image bytes, seconds, CPU seconds...) and the per-image
+    table (:mod:`mvshards.image_table`)."""
+
+    def image_columns(self) -> ImageColumns | None:
+        """The entry's per-image table; None when it has none (an older mvprep)."""
+        return read_image_table(self.stats, sum(row[3] for row in self.samples))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,7 +292,8 @@ class DatasetIndex:
 
     Samples are in dataset order (shard by shard, key order within a shard) as parallel
     arrays: ``keys[i]`` lives in ``shards[shard_ids[i]]`` and has ``num_tokens[i]`` tokens,
-    ``num_patches[i]`` patches and ``num_images[i]`` images.
+    ``num_patches[i]`` patches and ``num_images[i]`` images. Images, in the same order, have
+    the per-image table's columns when every entry has one.
     """
 
     out: Path
@@ -300,9 +307,20 @@ class DatasetIndex:
     num_tokens: np.ndarray
     num_patches: np.ndarray
     num_images: np.ndarray
+    image_columns: ImageColumns | None = None
+    """The per-image table over all images; None when an entry lacks it."""
+    missing_image_table: list[str] = field(default_factory=list)
+    """Entry files without a usable per-image table (built by an older mvprep)."""
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def slice_costs(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per sample ``(slices, max_patches_per_slice)`` from the per-image table (see
+        :func:`mvshards.image_table.sample_slice_costs`); None without the table."""
+        if self.image_columns is None:
+            return None
+        return sample_slice_costs(self.num_images, self.image_columns)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -321,6 +339,23 @@ class DatasetIndex:
         ]
 
 
+def _listed_entry(out: Path, item: dict[str, Any]) -> ShardEntry:
+    """The entry of a shard the manifest lists; IndexMissingError when missing or stale."""
+    unit = int(item["unit"])
+    entry = read_entry(out, unit)
+    if entry is None:
+        raise IndexMissingError(
+            f"{entry_path(out, unit)} is missing or unreadable but {MANIFEST_FILE} lists "
+            f"{item['shard']}: re-run mvprep build to complete it"
+        )
+    if entry.sha256 != item["sha256"] or entry.num_samples != item["num_samples"]:
+        raise IndexMissingError(
+            f"{entry_path(out, unit)} does not match {MANIFEST_FILE} (sha256 or sample "
+            "count differ): the folder was partly rebuilt; re-run mvprep build"
+        )
+    return entry
+
+
 def load_index(out: Path) -> DatasetIndex:
     """Load ``manifest.json`` and every shard entry of a finished build; opens no tar.
 
@@ -333,22 +368,13 @@ def load_index(out: Path) -> DatasetIndex:
     keys: list[str] = []
     shard_ids: list[int] = []
     rows: list[tuple[int, int, int]] = []
+    tables: list[ImageColumns] = []
+    missing: list[str] = []
     for position, item in enumerate(manifest["shards"]):
-        unit = int(item["unit"])
-        entry = read_entry(out, unit)
-        if entry is None:
-            raise IndexMissingError(
-                f"{entry_path(out, unit)} is missing or unreadable but {MANIFEST_FILE} lists "
-                f"{item['shard']}: re-run mvprep build to complete it"
-            )
-        if entry.sha256 != item["sha256"] or entry.num_samples != item["num_samples"]:
-            raise IndexMissingError(
-                f"{entry_path(out, unit)} does not match {MANIFEST_FILE} (sha256 or sample "
-                "count differ): the folder was partly rebuilt; re-run mvprep build"
-            )
+        entry = _listed_entry(out, item)
         shards.append(
             ShardInfo(
-                unit=unit,
+                unit=entry.unit,
                 path=out / entry.shard,
                 sha256=entry.sha256,
                 num_bytes=entry.num_bytes,
@@ -361,6 +387,11 @@ def load_index(out: Path) -> DatasetIndex:
             keys.append(key)
             shard_ids.append(position)
             rows.append((tokens, patches, images))
+        columns = entry.image_columns()
+        if columns is None:
+            missing.append(str(entry_path(out, entry.unit)))
+        else:
+            tables.append(columns)
     table = np.array(rows, dtype=np.int64).reshape(-1, 3)
     return DatasetIndex(
         out=out,
@@ -372,4 +403,6 @@ def load_index(out: Path) -> DatasetIndex:
         num_tokens=table[:, 0].copy(),
         num_patches=table[:, 1].copy(),
         num_images=table[:, 2].copy(),
+        image_columns=None if missing else concat_columns(tables),
+        missing_image_table=missing,
     )

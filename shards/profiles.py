@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mvshards.families import NATIVE_46, REMOTE_26, Family
+
 ImageIdForm = Literal["finetune", "inference", "none"]
 """Where an ``<image_id>k</image_id>`` prefix is written.
 
@@ -36,7 +38,8 @@ class Profile:
     """The numbers that define one model family's image arithmetic."""
 
     name: str
-    family: Literal["2.6", "4.6"]
+    family: Family
+    """The code base the profile's model runs on (:mod:`mvshards.families`)."""
     scale_resolution: int
     patch_size: int
     size_multiple: int
@@ -62,7 +65,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "minicpmv-2.6": Profile(
         name="minicpmv-2.6",
-        family="2.6",
+        family=REMOTE_26,
         scale_resolution=448,
         patch_size=14,
         size_multiple=14,
@@ -73,7 +76,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "minicpmv-4.6": Profile(
         name="minicpmv-4.6",
-        family="4.6",
+        family=NATIVE_46,
         scale_resolution=448,
         patch_size=14,
         size_multiple=56,
@@ -84,7 +87,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "minicpmv-4.6-4x": Profile(
         name="minicpmv-4.6-4x",
-        family="4.6",
+        family=NATIVE_46,
         scale_resolution=448,
         patch_size=14,
         size_multiple=28,

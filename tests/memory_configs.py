@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import torch
 
-from mvtrain.attention import use_batched_varlen_attention
-from mvtrain.tiny import build_tiny_model
+from mvtrain.model.attention import use_batched_varlen_attention
+from mvtrain.model.tiny import build_tiny_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
 """Config-only model folders, one per reference model."""

@@ -1,5 +1,6 @@
 """The trainer's model adapters on real built shards: the tiny model, forward/backward and
-loss, dummy vision inputs, collate and padded costs, and model loading."""
+loss, dummy vision inputs, collate, adapters per family, and model loading (padded costs
+against collate: test_cost)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ from typing import Any
 import pytest
 import torch
 import train_fixtures
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from train_fixtures import Loaded, _text_only, _with_images
 
-from mvtrain.adapters import CostItem, Native46Adapter, Remote26Adapter, adapter_for, token_loss_sum
-from mvtrain.models import ModelLoadError, detect_family, load_model
-from mvtrain.tiny import build_tiny_model, save_tiny, tiny_model_config
-from mvtrain.tokenize import IGNORE_INDEX
+from mvshards.families import NATIVE_46, REMOTE_26
+from mvshards.profiles import get_profile
+from mvtrain.data.tokenize import IGNORE_INDEX
+from mvtrain.model.adapters import (
+    ADAPTERS,
+    Native46Adapter,
+    Remote26Adapter,
+    adapter_for,
+    token_loss_sum,
+)
+from mvtrain.model.loading import ModelLoadError, detect_family, load_model
+from mvtrain.model.tiny import build_tiny_model, save_tiny, tiny_model_config
 
 # The shared module-scoped fixtures (``loaded`` needs the other four), bound here so that
 # this module gets its own instances.
@@ -55,6 +62,7 @@ def test_tiny_model_is_deterministic_full_attention_and_leaves_rng_alone(tok_dir
     assert sum(p.numel() for p in meta_model.parameters()) == sum(p.numel() for p in a.parameters())
 
 
+@pytest.mark.slow
 def test_forward_backward_on_a_real_batch_trains_vision_and_llm(
     tiny: tuple[Any, Any], loaded: dict[str, Loaded]
 ) -> None:
@@ -81,6 +89,7 @@ def test_forward_backward_on_a_real_batch_trains_vision_and_llm(
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 def test_loss_sum_matches_transformers_own_loss(
     tiny: tuple[Any, Any], loaded: dict[str, Loaded]
 ) -> None:
@@ -104,6 +113,7 @@ def test_loss_sum_matches_transformers_own_loss(
     assert torch.allclose(total, total2) and count == count2
 
 
+@pytest.mark.slow
 def test_merger_tokens_equal_image_spans(tiny: tuple[Any, Any], loaded: dict[str, Loaded]) -> None:
     model, tok = tiny
     for profile in ("minicpmv-4.6", "minicpmv-4.6-4x"):
@@ -123,6 +133,7 @@ def test_merger_tokens_equal_image_spans(tiny: tuple[Any, Any], loaded: dict[str
             assert int((ids == model.config.image_token_id).sum()) == sum(got)
 
 
+@pytest.mark.slow
 def test_dummy_vision_gives_zero_grads_and_keeps_the_loss(
     tiny: tuple[Any, Any], loaded: dict[str, Loaded]
 ) -> None:
@@ -152,36 +163,7 @@ def test_dummy_vision_gives_zero_grads_and_keeps_the_loss(
 # --- adapters: costs and the 2.6 batch ---------------------------------------------------
 
 
-def _patches_padded_by(adapter: Any, batch: dict[str, Any]) -> int:
-    if isinstance(adapter, Native46Adapter):
-        pv = batch["pixel_values"]
-        return 0 if pv is None else pv.shape[-1] // 14
-    views = [p for per_sample in batch["pixel_values"] for p in per_sample]
-    return len(views) * max((p.shape[-1] // 14 for p in views), default=0)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    profile=st.sampled_from(["minicpmv-4.6", "minicpmv-2.6"]),
-    picks=st.lists(st.integers(0, 11), min_size=1, max_size=5),
-)
-def test_padded_cost_is_what_collate_pads(
-    profile: str, picks: list[int], loaded: dict[str, Loaded], tiny: tuple[Any, Any]
-) -> None:
-    rows = [loaded[profile][i % len(loaded[profile])] for i in picks]
-    adapter = adapter_for(profile, tiny[1])
-    batch = adapter.collate([s for _, _, s in rows])
-    padded = (batch["input_ids"].numel(), _patches_padded_by(adapter, batch))
-    assert adapter.padded_cost([s for _, _, s in rows]) == padded
-    assert adapter.padded_cost([m for m, _, _ in rows]) == padded
-    if isinstance(adapter, Native46Adapter):
-        assert adapter.padded_cost([m.index_row() for m, _, _ in rows]) == padded
-    else:
-        with pytest.raises(ValueError, match="per-"):
-            adapter.padded_cost([m.index_row() for m, _, _ in rows])
-    assert adapter.padded_cost([CostItem(5, 7, 1, 7)] * 2)[0] == 10
-
-
+@pytest.mark.slow
 def test_remote26_collate_structure(loaded: dict[str, Loaded], tiny: tuple[Any, Any]) -> None:
     _, tok = tiny
     rows = loaded["minicpmv-2.6"]
@@ -220,6 +202,19 @@ def test_remote26_collate_structure(loaded: dict[str, Loaded], tiny: tuple[Any, 
     assert any(len(s.meta.images) > 1 for s in samples)
 
 
+def test_adapter_for_a_family_a_profile_or_a_name() -> None:
+    assert set(ADAPTERS) == {NATIVE_46, REMOTE_26}
+    assert all(cls.family is family for family, cls in ADAPTERS.items())
+    four_x = adapter_for(get_profile("minicpmv-4.6-4x"))
+    assert isinstance(four_x, Native46Adapter) and four_x.downsample_mode == "4x"
+    assert adapter_for("minicpmv-4.6-4x").downsample_mode == "4x"
+    assert adapter_for(NATIVE_46).downsample_mode is None
+    assert isinstance(adapter_for(REMOTE_26), Remote26Adapter)
+    assert isinstance(adapter_for("minicpmv-2.6"), Remote26Adapter)
+    with pytest.raises(ValueError, match="unknown model family or profile 'x'"):
+        adapter_for("x")
+
+
 # --- models -----------------------------------------------------------------------------
 
 
@@ -231,20 +226,20 @@ def _config(folder: Path, obj: dict[str, Any]) -> Path:
 
 def test_detect_family(tmp_path: Path) -> None:
     cases = {
-        "v46": ({"model_type": "minicpmv4_6"}, "4.6"),
-        "v47": ({"model_type": "minicpmv4_7"}, "4.6"),
+        "v46": ({"model_type": "minicpmv4_6"}, NATIVE_46),
+        "v47": ({"model_type": "minicpmv4_7"}, NATIVE_46),
         "v26": (
             {"model_type": "minicpmv", "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}},
-            "2.6",
+            REMOTE_26,
         ),
-        "o26": ({"model_type": "minicpmo"}, "2.6"),
+        "o26": ({"model_type": "minicpmo"}, REMOTE_26),
         "map": (
             {"model_type": "custom", "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}},
-            "2.6",
+            REMOTE_26,
         ),
     }
     for name, (obj, family) in cases.items():
-        assert detect_family(_config(tmp_path / name, obj)) == family
+        assert detect_family(_config(tmp_path / name, obj)) is family
     with pytest.raises(ModelLoadError, match="query_num 96"):
         detect_family(_config(tmp_path / "v25", {"model_type": "minicpmv", "query_num": 96}))
     with pytest.raises(ModelLoadError, match="llama"):
@@ -258,7 +253,7 @@ def test_detect_family(tmp_path: Path) -> None:
 def test_saved_tiny_model_loads_back(tmp_path: Path, tiny: tuple[Any, Any]) -> None:
     folder = save_tiny(tmp_path / "tiny", seed=0)
     model, tok, family = load_model(folder, trust_remote_code=False, dtype="bf16")
-    assert family == "4.6" and type(model).__name__ == "MiniCPMV4_6ForConditionalGeneration"
+    assert family is NATIVE_46 and type(model).__name__ == "MiniCPMV4_6ForConditionalGeneration"
     assert model.dtype == torch.bfloat16 and model.training
     assert tok.image_token == "<unk>" and tok.chat_template
     reference = tiny[0].state_dict()

@@ -1,4 +1,4 @@
-"""Batched varlen SDPA of the 4.6 vision tower (:mod:`mvtrain.attention`).
+"""Batched varlen SDPA of the 4.6 vision tower (:mod:`mvtrain.model.attention`).
 
 Against a per-sequence SDPA loop and the earlier implementation (kept below as the reference
 for "outputs unchanged"), with calls cut to a few sequences (the CUDA batch limit of
@@ -16,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, MiniCPMV4_6ForConditionalGeneration
 
-from mvtrain import attention
-from mvtrain.adapters import Native46Adapter
-from mvtrain.attention import (
+from mvtrain.memory.saved_tensors import synthetic_native_batch
+from mvtrain.model import attention
+from mvtrain.model.adapters import Native46Adapter
+from mvtrain.model.attention import (
     IMPLEMENTATION,
     plan_varlen,
     use_batched_varlen_attention,
     varlen_plan,
     varlen_sdpa,
 )
-from mvtrain.memory.saved_tensors import synthetic_native_batch
-from mvtrain.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
+from mvtrain.model.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
 
 LENGTHS = [4, 4, 3, 4, 0, 7, 4, 1, 3, 4, 4, 7, 2, 4]
 """Sequence lengths with repeats, a zero-length sequence and a singleton."""

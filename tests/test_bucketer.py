@@ -10,14 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mvtrain.bucketer import (
-    Budgets,
-    CostModel,
-    SampleCost,
-    StreamingBucketer,
-    bucket_edges,
-    make_batch,
-)
+from mvshards.cost import CostModel, SampleCost
+from mvshards.families import NATIVE_46, REMOTE_26
+from mvtrain.batching.bucketer import StreamingBucketer, make_batch
+from mvtrain.batching.buckets import bucket_edges
+from mvtrain.budgets import Budgets
 
 FAMILIES = ["4.6", "2.6"]
 
@@ -59,22 +56,25 @@ def test_padded_cost_by_hand() -> None:
     a = sample("a", 100, [1024, 900])  # 2 slices, longest 1024
     b = sample("b", 300, [400])
     c = sample("c", 50, [])  # text only
-    assert CostModel("4.6").padded_cost([a, b, c]) == (900, 1924 + 400)
-    assert CostModel("2.6").padded_cost([a, b, c]) == (900, 3 * 1024)
-    assert CostModel("2.6").padded_cost([c]) == (50, 0)
-    assert CostModel.real_cost([a, b, c]) == (450, 2324)
+    assert CostModel.of("4.6").padded([a, b, c]) == (900, 1924 + 400)
+    assert CostModel.of("2.6").padded([a, b, c]) == (900, 3 * 1024)
+    assert CostModel.of("2.6").padded([c]) == (50, 0)
+    assert CostModel.of("2.6").alone(a) == (100, 2 * 1024)
+    assert CostModel.of("4.6").padded([]) == (0, 0)
+    assert CostModel.real([a, b, c]) == (450, 2324)
     batch = make_batch([a, b], Budgets(1000, 4096), "2.6")
     assert (batch.padded_tokens, batch.padded_patches) == (600, 3072)
     assert (batch.real_tokens, batch.real_patches, batch.max_len) == (400, 2324, 300)
     assert batch.cost == pytest.approx(600 / 1000 + 3072 / 4096)
-    assert CostModel.for_profile("minicpmv-2.6").family == "2.6"
-    assert CostModel.for_profile("minicpmv-4.6-4x").family == "4.6"
-    with pytest.raises(ValueError, match="unknown cost model"):
-        CostModel("3.0")  # type: ignore[arg-type]
+    assert CostModel.for_profile("minicpmv-2.6") is REMOTE_26.cost
+    assert CostModel.for_profile("minicpmv-4.6-4x") is NATIVE_46.cost
+    with pytest.raises(ValueError, match="unknown model family '3.0'"):
+        CostModel.of("3.0")
     with pytest.raises(ValueError, match="positive"):
         Budgets(0, 10)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(
     samples=samples_st(),

@@ -24,6 +24,8 @@ from mvshards.verify import verify_dataset
 
 MVPREP = [sys.executable, "-m", "mvprep.cli"]
 
+pytestmark = pytest.mark.slow  # end-to-end builds: worker pools, CLI subprocesses, kills
+
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}

@@ -29,6 +29,8 @@ def _load_script() -> ModuleType:
 
 mdd = _load_script()
 
+pytestmark = pytest.mark.slow  # generates the 48-record demo set (images) per worker; a CLI run
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:

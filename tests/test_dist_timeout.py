@@ -38,6 +38,7 @@ def _two_ranks(shards: Path, out: Path, engine: str, timeout_minutes: float):
     return proc, time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_a_timeout_shorter_than_rank_0s_recount_fails_the_run(
     shards: Path, tmp_path: Path, engine: str
@@ -51,6 +52,7 @@ def test_a_timeout_shorter_than_rank_0s_recount_fails_the_run(
     assert "in barrier" in output, "the timeout was not in the barrier after the recount"
 
 
+@pytest.mark.slow
 def test_a_timeout_longer_than_rank_0s_recount_lets_the_run_finish(
     shards: Path, tmp_path: Path
 ) -> None:
@@ -64,6 +66,7 @@ def test_a_timeout_longer_than_rank_0s_recount_lets_the_run_finish(
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_run_options_reach_the_config(
     shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

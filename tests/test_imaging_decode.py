@@ -143,6 +143,7 @@ def test_reduced_decode_quality_on_a_real_photo(tmp_path):
 # ------------------------------------------------------------------------- process hygiene
 
 
+@pytest.mark.slow
 def test_light_import_and_single_cv2_thread():
     code = (
         "import sys, cv2, numpy as np; import mvprep.imaging as m; "

@@ -12,9 +12,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_tario import encode_jpeg, make_sample, write_shard
+from shard_fixtures import encode_jpeg, make_sample, write_shard
 
 import mvshards
+from mvshards.cost import SampleCost
+from mvshards.image_table import (
+    IMAGE_COLUMNS,
+    IMAGE_TABLE_KEY,
+    add_image_rows,
+    new_image_table,
+    read_image_table,
+)
 from mvshards.index import (
     CorruptEntryWarning,
     IndexMismatchError,
@@ -57,8 +65,11 @@ def _reject(index: int) -> dict[str, Any]:
     }
 
 
-def build_out(out: Path, plan: list[list[str]] = PLAN) -> list[ShardEntry]:
-    """A finished build in ``out``, written the way mvprep writes one."""
+def build_out(
+    out: Path, plan: list[list[str]] = PLAN, image_table: bool = True
+) -> list[ShardEntry]:
+    """A finished build in ``out``, written the way mvprep writes one (``image_table=False``:
+    as an mvprep that wrote no per-image table)."""
     out.mkdir(exist_ok=True)
     write_build_params(out, PARAMS)
     entries = []
@@ -73,6 +84,12 @@ def build_out(out: Path, plan: list[list[str]] = PLAN) -> list[ShardEntry]:
                 samples.append(make_sample(index, kind))
             index += 1
         info = write_shard(out / shard_name(unit), samples)
+        stats: dict[str, Any] = {"images": sum(len(m.images) for m, _ in samples)}
+        if image_table:
+            table = new_image_table()
+            for meta, _ in samples:
+                add_image_rows(table, meta.images)
+            stats[IMAGE_TABLE_KEY] = table
         entry = ShardEntry(
             unit=unit,
             shard=shard_name(unit),
@@ -82,7 +99,7 @@ def build_out(out: Path, plan: list[list[str]] = PLAN) -> list[ShardEntry]:
             num_samples=len(samples),
             samples=[meta.index_row() for meta, _ in samples],
             rejects=rejects,
-            stats={"images": sum(len(m.images) for m, _ in samples), "wall_seconds": 0.5},
+            stats={**stats, "wall_seconds": 0.5},
         )
         write_entry(out, entry)
         entries.append(entry)
@@ -287,6 +304,45 @@ def test_load_index_opens_no_tar(out, monkeypatch):
     assert [s.num_rejects for s in index.shards] == [1, 0, 2]
     assert index.shards[1].record_range == (3, 6)
     assert index.totals["samples"] == 5
+
+
+def _metas() -> list[Any]:
+    return [make_sample(i, k)[0] for i, k in enumerate(sum(PLAN, [])) if k != "reject"]
+
+
+def test_load_index_reads_the_per_image_table(out):
+    index = load_index(out)
+    images = [image for meta in _metas() for image in meta.images]
+    assert index.missing_image_table == [] and index.image_columns is not None
+    columns = index.image_columns
+    assert set(columns) == set(IMAGE_COLUMNS)
+    assert columns["slices"].tolist() == [i.layout.num_slices for i in images]
+    assert columns["width"].tolist() == [i.layout.original_size[0] for i in images]
+    assert columns["patches"].tolist() == [i.layout.num_patches for i in images]
+    assert any(i.layout.num_slices for i in images)
+    slices = index.slice_costs()
+    assert slices is not None
+    costs = [SampleCost.from_meta(m) for m in _metas()]
+    assert slices[0].tolist() == [c.slices for c in costs]
+    assert slices[1].tolist() == [c.max_patches_per_slice for c in costs]
+    entry = read_entry(out, 1)
+    assert entry is not None and entry.image_columns() is not None
+
+
+def test_an_index_without_the_per_image_table_loads_without_it(tmp_path):
+    build_out(tmp_path / "old", image_table=False)
+    index = load_index(tmp_path / "old")
+    assert index.image_columns is None and index.slice_costs() is None
+    assert index.missing_image_table == [str(entry_path(tmp_path / "old", u)) for u in range(3)]
+    assert index.sample_rows() == [m.index_row() for m in _metas()]
+
+
+def test_a_table_of_the_wrong_length_reads_as_none():
+    table = new_image_table()
+    add_image_rows(table, make_sample(0, "two")[0].images)
+    assert read_image_table({IMAGE_TABLE_KEY: table}, 2) is not None
+    assert read_image_table({IMAGE_TABLE_KEY: table}, 3) is None
+    assert read_image_table({}, 0) is None and read_image_table(None, 0) is None
 
 
 def test_load_index_without_manifest_says_how_to_finish(out):

@@ -111,6 +111,7 @@ def test_cut_number_is_not_taken_for_a_shorter_one(tmp_path: Path) -> None:
         assert [v for _, v in read_elements(path, offsets, 0, 3)] == [123456789, 1e100, -0.5]
 
 
+@pytest.mark.slow
 def test_a_big_list_is_indexed_without_holding_it(tmp_path: Path) -> None:
     record = {"id": "x", "image": "img/0001.jpg", "conversations": [{"role": "user"}] * 8}
     record["conversations"][0] = {"role": "user", "content": "说明 <image>\n" + "ab" * 200}

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mvshards.families import REMOTE_26
 from mvshards.layout import assign_image_ids, compute_layout, num_image_tokens
 from mvshards.profiles import get_profile
 
@@ -40,7 +41,7 @@ def _computed_row(row: dict[str, Any], profile_name: str) -> dict[str, Any]:
     layout = compute_layout(w, h, profile, msn)
     got: dict[str, Any] = layout.to_dict()
     got["num_image_tokens"] = num_image_tokens(layout, profile, 0)
-    if profile.family == "2.6":
+    if profile.family is REMOTE_26:
         got["num_image_tokens_no_image_id"] = num_image_tokens(layout, profile, None)
         (finetune_id,) = assign_image_ids([layout], "finetune")
         got["num_image_tokens_finetune_qwen"] = num_image_tokens(layout, profile, finetune_id)

@@ -178,6 +178,7 @@ large_side = st.one_of(
 slice_cap = st.one_of(st.sampled_from([1, 4, 9]), st.integers(min_value=1, max_value=16))
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, derandomize=True)
 @given(w=small_side, h=small_side, max_slice_nums=slice_cap)
 @example(w=633, h=633, max_slice_nums=9)  # [1,2] vs [2,1] exact tie: 4.6 takes more rows
@@ -193,6 +194,7 @@ def test_real_processor_16x(w: int, h: int, max_slice_nums: int) -> None:
     check_real_processor(w, h, max_slice_nums, "16x")
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(w=small_side, h=small_side, max_slice_nums=slice_cap)
 @example(w=633, h=633, max_slice_nums=9)
@@ -202,6 +204,7 @@ def test_real_processor_4x(w: int, h: int, max_slice_nums: int) -> None:
     check_real_processor(w, h, max_slice_nums, "4x")
 
 
+@pytest.mark.slow
 @settings(max_examples=600, deadline=None, derandomize=True)
 @given(w=large_side, h=large_side, max_slice_nums=slice_cap, mode=st.sampled_from(sorted(MODES)))
 def test_processor_methods(w: int, h: int, max_slice_nums: int, mode: str) -> None:

@@ -23,8 +23,7 @@ from mvprep.build import build
 from mvprep.options import BuildOptions
 from mvshards.schema import SampleMeta
 from mvshards.tario import iter_shard
-from mvtrain.adapters import Native46Adapter, load_sample
-from mvtrain.attention import use_batched_varlen_attention
+from mvtrain.data.sample import load_sample
 from mvtrain.memory import RemoteConfig, TrainingSetup, activation_model
 from mvtrain.memory.saved_tensors import (
     format_sweep,
@@ -32,7 +31,9 @@ from mvtrain.memory.saved_tensors import (
     prediction_sweep,
     synthetic_native_batch,
 )
-from mvtrain.tiny import load_tiny_tokenizer
+from mvtrain.model.adapters import Native46Adapter
+from mvtrain.model.attention import use_batched_varlen_attention
+from mvtrain.model.tiny import load_tiny_tokenizer
 
 # The shared module-scoped fixtures, bound here: this module gets its own instances.
 one_thread = memory_configs.one_thread
@@ -60,7 +61,8 @@ def _variant(model, mode):
     """The tiny model set up the way ``model_setup.build_model`` does for ``mode``."""
     from peft import LoraConfig, get_peft_model
 
-    from mvtrain.model_setup import LORA_TARGETS, vision_modules
+    from mvtrain.model.lora import LORA_TARGETS
+    from mvtrain.model.setup import vision_modules
 
     model = copy.deepcopy(model)
     if "freeze" in mode:
@@ -148,6 +150,7 @@ def real_batches(tmp_path_factory):
     return [(label, adapter.collate(group)) for label, group in picks.items()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
 def test_saved_tensors_full_finetune(tiny, real_batches, mode):
     model, tokenizer = tiny
@@ -157,6 +160,7 @@ def test_saved_tensors_full_finetune(tiny, real_batches, mode):
     _check(prediction_sweep(variant, act, batches), f"full fine-tune {mode}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora-bf16", "freeze", "ckpt", "ckpt-lora-bf16", "ckpt-freeze"])
 def test_saved_tensors_modes(tiny, mode):
     model, tokenizer = tiny
@@ -165,6 +169,7 @@ def test_saved_tensors_modes(tiny, mode):
     _check(prediction_sweep(variant, act, _synthetic_batches(model.config, tokenizer)), mode)
 
 
+@pytest.mark.slow
 def test_saved_tensors_4x_profile(tiny):
     model, tokenizer = tiny
     act = activation_model(model.config, _setup("fp32", downsample_mode="4x"))
@@ -178,6 +183,7 @@ def test_saved_tensors_4x_profile(tiny):
     _check(prediction_sweep(model, act, batches, adapter), "4x profile")
 
 
+@pytest.mark.slow
 def test_saved_tensors_other_dims(tiny):
     """Different widths, head counts (no GQA), rotary fraction, depth and merger position:
     the formula is symbolic in the dims, not fitted to the tiny model."""
@@ -218,6 +224,7 @@ def test_saved_tensors_other_dims(tiny):
     _check(prediction_sweep(model, act, batches), "other dims")
 
 
+@pytest.mark.slow
 def test_frozen_vision_keeps_no_activations(tiny):
     """Frozen tower, input without grad: autograd saves nothing in it. Under gradient
     checkpointing ``enable_input_require_grads`` also hooks the vision patch embedding, so

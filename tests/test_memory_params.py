@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memory_configs import REAL_26, real46_config
 
+from mvshards.units import GiB
 from mvtrain.memory import (
     BudgetError,
     IndexStats,
@@ -33,8 +34,7 @@ from mvtrain.memory import (
     predicted_peak_bytes,
     static_memory,
 )
-from mvtrain.memory.budgets import GiB
-from mvtrain.tiny import tiny_model_config
+from mvtrain.model.tiny import tiny_model_config
 
 # The shared module-scoped fixtures, bound here: this module gets its own instances.
 one_thread = memory_configs.one_thread
@@ -64,7 +64,7 @@ def test_meta_count_equals_real_tiny_model(tiny):
 def test_lora_count_equals_peft(tiny, rank):
     from peft import LoraConfig, get_peft_model
 
-    from mvtrain.model_setup import LORA_TARGETS
+    from mvtrain.model.lora import LORA_TARGETS
 
     model, _ = tiny
     counts = count_parameters(model.config, lora=True, lora_rank=rank)
@@ -79,7 +79,7 @@ def test_lora_count_equals_peft(tiny, rank):
 
 
 def test_freeze_vision_count_equals_model_setup(tiny):
-    from mvtrain.model_setup import vision_modules
+    from mvtrain.model.setup import vision_modules
 
     model = copy.deepcopy(tiny[0])
     for module in vision_modules(model):
@@ -201,6 +201,7 @@ def _static_cases():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_static_cases()))
 def test_static_agrees_with_deepspeed_estimator(name):
     pytest.importorskip("deepspeed")

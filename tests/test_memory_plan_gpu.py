@@ -20,6 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mvshards.units import GiB, MiB
 from mvtrain.cli import main as mvtrain_main
 from mvtrain.engine import deepspeed_config
 from mvtrain.memory import (
@@ -32,16 +33,16 @@ from mvtrain.memory import (
     static_memory,
     torch_engine_static_memory,
 )
-from mvtrain.memory.budgets import GiB, MiB
+from mvtrain.memory.plan import PlanRequest, make_plan
+from mvtrain.memory.plan_text import format_plan
+from mvtrain.memory.probe import ProbePoint, fit_points, gradients_freed_as_produced, write_fit
 from mvtrain.memory.probe_fit import probe_setup
 from mvtrain.memory.static import (
     DEFAULT_ALLGATHER_BUCKET,
     DEFAULT_REDUCE_BUCKET,
     bucket_bytes,
 )
-from mvtrain.memory_plan import PlanRequest, format_plan, make_plan
-from mvtrain.probe import ProbePoint, fit_points, gradients_freed_as_produced, write_fit
-from mvtrain.tiny import tiny_model_config
+from mvtrain.model.tiny import tiny_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 A, B, C = 300_000.0, 50_000.0, 2.0 * GiB
@@ -110,13 +111,14 @@ def test_budgets_from_a_fit_are_the_largest_multiples_of_64_that_fit() -> None:
     assert device(larger, int(STATS.patch_token_ratio * larger) // 64 * 64) > 0.9 * 80 * GiB
 
 
+@pytest.mark.slow
 def test_a_plan_with_a_probe_fit_predicts_static_overhead_and_the_fit(
     shards: Path, tmp_path: Path
 ) -> None:
     path = _fit_file(tmp_path, _setup("bf16"))
     fit = load_probe_fit(path)
     assert (fit.bytes_per_token, fit.bytes_per_patch) == pytest.approx((A, B), rel=1e-9)
-    plan = make_plan(PlanRequest(shards=shards, model="tiny", dtype="bf16", probe=path))
+    plan = make_plan(PlanRequest(shards=shards, model="tiny", dtype="bf16", probe=path)).to_json()
     tokens, patches = plan["token_budget"], plan["patch_budget"]
     act = fit.peak_bytes(tokens, patches)
     overhead = Overhead.for_gpus(1)
@@ -140,13 +142,14 @@ def test_the_probe_drops_each_gradient_as_it_is_produced() -> None:
 # --- 2. a fit holds for its own setup ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_fit_records_its_setup_and_another_setup_is_refused(shards: Path, tmp_path: Path) -> None:
     path = _fit_file(tmp_path, _setup("fp32"))
     setup = json.loads(path.read_text())["setup"]
     for key in ("dtype", "lora", "lora_rank", "freeze_vision", "grad_ckpt", "attention"):
         assert key in setup
     assert setup["dtype"] == "fp32" and setup["model"] == "tiny" and setup["config_hash"]
-    assert make_plan(PlanRequest(shards, "tiny", dtype="fp32", probe=path))["activation_from_probe"]
+    assert make_plan(PlanRequest(shards, "tiny", dtype="fp32", probe=path)).fit.from_probe
 
     request = PlanRequest(shards, "tiny", dtype="bf16", grad_ckpt=True, probe=path)
     with pytest.raises(ValueError) as info:
@@ -166,6 +169,7 @@ def test_a_fit_records_its_setup_and_another_setup_is_refused(shards: Path, tmp_
     assert code == 2 and "re-run `mvtrain probe" in output
 
 
+@pytest.mark.slow
 def test_a_fit_without_its_setup_is_refused(shards: Path, tmp_path: Path) -> None:
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"bytes_per_token": A, "bytes_per_patch": B, "const_bytes": C}))
@@ -176,6 +180,7 @@ def test_a_fit_without_its_setup_is_refused(shards: Path, tmp_path: Path) -> Non
 # --- 3. the plain torch engine ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_torch_engine_partitions_nothing(shards: Path) -> None:
     p = 10**9
     one, eight = (torch_engine_static_memory(p, p, "fp32", n) for n in (1, 8))
@@ -189,7 +194,7 @@ def test_the_torch_engine_partitions_nothing(shards: Path) -> None:
     plans = {
         (engine, gpus): make_plan(
             PlanRequest(shards, "tiny", gpus=gpus, dtype="fp32", engine=engine)
-        )
+        ).to_json()
         for engine in ("torch", "deepspeed")
         for gpus in (1, 8)
     }
@@ -207,6 +212,7 @@ def test_the_torch_engine_partitions_nothing(shards: Path) -> None:
 # --- 4. ZeRO communication buckets ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_zero_buckets_follow_the_documented_overlap_comm_rule(shards: Path) -> None:
     assert bucket_bytes(500_000_000, 500_000_000, 2, True) == 9_000_000_000  # "9GB footprint"
     assert bucket_bytes(200_000_000, 200_000_000, 2, True) == 3_600_000_000  # "3.6GB"
@@ -221,20 +227,22 @@ def test_zero_buckets_follow_the_documented_overlap_comm_rule(shards: Path) -> N
         DEFAULT_ALLGATHER_BUCKET,
     )
     plan = make_plan(PlanRequest(shards, "tiny", dtype="bf16"))
-    assert plan["static"]["buffer_bytes"] == 3_600_000_000
+    assert plan.to_json()["static"]["buffer_bytes"] == 3_600_000_000
     assert "buffer_bytes                   3.35 GiB" in format_plan(plan)
 
 
 # --- 5. reserved, not allocated ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_overhead_is_named_and_the_peak_is_device_memory(shards: Path) -> None:
     one, eight = Overhead.for_gpus(1), Overhead.for_gpus(8)
     assert one.cuda_context == 512 * MiB and one.cublas_workspace == 2 * 32 * MiB
     assert one.nccl_buffers == 0 and eight.nccl_buffers == 4 * MiB * 32 * 2
     assert one.fragmentation(1000 * MiB) == 100 * MiB
 
-    plan = make_plan(PlanRequest(shards, "tiny", gpus=8, dtype="bf16"))
+    typed = make_plan(PlanRequest(shards, "tiny", gpus=8, dtype="bf16"))
+    plan = typed.to_json()
     o, act = plan["overhead"], plan["activation_peak_bytes"]
     assert o["estimate"] and o["nccl_buffers"] == eight.nccl_buffers
     allocated = plan["static_bytes_per_gpu"] + o["cublas_workspace"] + act
@@ -242,7 +250,7 @@ def test_the_overhead_is_named_and_the_peak_is_device_memory(shards: Path) -> No
     assert plan["predicted_allocated_bytes"] == allocated
     assert plan["predicted_reserved_bytes"] == reserved == allocated + plan["fragmentation_bytes"]
     assert plan["predicted_peak_bytes"] == reserved + o["cuda_context"] + o["nccl_buffers"]
-    text = format_plan(plan)
+    text = format_plan(typed)
     for term in ("cuda_context", "cublas_workspace", "nccl_buffers", "fragmentation"):
         assert term in text
     assert "ESTIMATES" in text and "max_memory_reserved" in text and "device peak" in text
@@ -251,13 +259,14 @@ def test_the_overhead_is_named_and_the_peak_is_device_memory(shards: Path) -> No
 # --- 6. --dtype -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dtype_auto_is_bf16_in_a_plan_and_the_plan_says_so(shards: Path) -> None:
     assert PlanRequest(shards, "tiny").resolved_dtype == "bf16"
     code, output = _cli_plan(shards, "--json")
     plan = json.loads(output.strip().splitlines()[-1])
     assert code == 0 and plan["dtype"] == "bf16" and plan["dtype_requested"] == "auto"
     assert plan["static"]["weights"] == 2 * plan["params_total"]
-    assert "bf16 (--dtype auto)" in format_plan(plan)
+    assert "bf16 (--dtype auto)" in format_plan(make_plan(PlanRequest(shards, "tiny")))
     code, output = _cli_plan(shards, "--dtype", "fp32", "--json")
     plan = json.loads(output.strip().splitlines()[-1])
     assert plan["dtype"] == "fp32" and plan["static"]["weights"] == 4 * plan["params_total"]
@@ -268,6 +277,7 @@ def test_dtype_auto_is_bf16_in_a_plan_and_the_plan_says_so(shards: Path) -> None
 # --- 8. scripts/gpu_check.py needs no scikit-image -------------------------------------------
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_without_scikit_image(tmp_path: Path) -> None:
     blocker = tmp_path / "no_skimage"
     blocker.mkdir()

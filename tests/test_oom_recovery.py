@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_run import MVTRAIN, PATCHES, TOKENS, _digests, _env, _losses, _train
+from run_helpers import MVTRAIN, PATCHES, TOKENS, _digests, _env, _losses, _train
+
+from mvtrain.budgets import Budgets
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow  # subprocess runs, DeepSpeed
 
 THRESHOLD = 500  # padded tokens; the plan (budget 1024) has micro-batches above it
 
@@ -25,10 +28,10 @@ def _batches(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "batches.jsonl").read_text().splitlines()]
 
 
-def _saved_budgets(out: Path, rank: int = 0) -> dict[str, int]:
+def _saved_budgets(out: Path, rank: int = 0) -> Budgets:
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     state = torch.load(ckpts[-1] / f"rank-{rank}.pt", map_location="cpu", weights_only=False)
-    return state["budgets"]
+    return state["budgets"]  # a checkpoint stores the Budgets value as it is
 
 
 def _planned_keys(shards: Path, out: Path) -> list[str]:
@@ -57,7 +60,7 @@ def test_forward_oom_splits_lowers_budgets_and_trains_everything(
     events = _events(out)
     assert events and all(e["phase"] == "forward" for e in events)
     budgets = _saved_budgets(out)
-    assert budgets["tokens"] <= THRESHOLD, budgets
+    assert isinstance(budgets, Budgets) and budgets.tokens <= THRESHOLD, budgets
     batches = _batches(out)
     assert all(b["padded_tokens"] <= THRESHOLD for b in batches)
     trained = sorted(k for b in batches if b["weight"] > 0 for k in b["keys"])
@@ -80,7 +83,7 @@ def test_an_oom_on_one_rank_does_not_hang_the_other(shards: Path, tmp_path: Path
     )
     assert {e["rank"] for e in _events(out)} == {1}
     assert _saved_budgets(out, 0) == _saved_budgets(out, 1)
-    assert _saved_budgets(out, 0)["tokens"] <= THRESHOLD
+    assert _saved_budgets(out, 0).tokens <= THRESHOLD
     assert len(_digests(out)) == 1
     batches = _batches(out)
     rounds = {r: sum(1 for b in batches if b["rank"] == r) for r in (0, 1)}
@@ -102,7 +105,7 @@ def test_backward_oom_replays_the_window_with_the_torch_engine(shards: Path, tmp
     )
     events = _events(out)
     assert events and events[0]["phase"] == "backward" and events[0]["action"] == "replay window"
-    assert _saved_budgets(out)["tokens"] <= THRESHOLD
+    assert _saved_budgets(out).tokens <= THRESHOLD
 
 
 def test_backward_oom_under_deepspeed_stops_with_the_budgets_to_restart_from(

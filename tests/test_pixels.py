@@ -12,7 +12,8 @@ import train_fixtures
 from PIL import Image
 from train_fixtures import MAX_SLICE_NUMS, Loaded
 
-from mvtrain.pixels import PixelError, normalise, sample_pixels
+from mvshards.families import NATIVE_46, REMOTE_26
+from mvtrain.data.pixels import PixelError, normalise, sample_pixels
 
 # The shared module-scoped fixtures (``loaded`` needs the other four), bound here so that
 # this module gets its own instances.
@@ -32,16 +33,17 @@ def test_normalisation_is_bit_exact_for_every_byte() -> None:
     proc = MiniCPMV4_6ImageProcessorPil()
     values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16).repeat(3, axis=0)  # CHW
     ref46 = proc.normalize(proc.rescale(values, 1 / 255), proc.image_mean, proc.image_std)
-    ours46 = normalise(values.transpose(1, 2, 0), "4.6").transpose(2, 0, 1)
+    ours46 = normalise(values.transpose(1, 2, 0), NATIVE_46).transpose(2, 0, 1)
     assert ref46.dtype == ours46.dtype == np.float32 and np.array_equal(ref46, ours46)
     # The official 2.6 fine-tuning transform: ToTensor (x / 255) then Normalize(0.5, 0.5).
     t = torch.from_numpy(values).float().div(255).sub(0.5).div(0.5)
     assert torch.equal(
-        t, torch.from_numpy(normalise(values.transpose(1, 2, 0), "2.6")).permute(2, 0, 1)
+        t, torch.from_numpy(normalise(values.transpose(1, 2, 0), REMOTE_26)).permute(2, 0, 1)
     )
     assert ours46.min() == -1.0 and ours46.max() == 1.0
 
 
+@pytest.mark.slow
 def test_pixels_equal_the_image_processor(loaded: dict[str, Loaded]) -> None:
     """Sources: the processor on the stored source, whose size is already its best size, so
     its resize is PIL's same-size copy. Slices: the processor with ``do_resize=False`` on the
@@ -77,6 +79,7 @@ def test_pixels_equal_the_image_processor(loaded: dict[str, Loaded]) -> None:
     assert sources >= 2 and slices >= 4
 
 
+@pytest.mark.slow
 def test_pixel_errors_name_the_sample_and_member(loaded: dict[str, Loaded]) -> None:
     meta, members, _ = next(r for r in loaded["minicpmv-4.6"] if r[0].images)
     entry = meta.images[0]

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from mvshards.units import GiB
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "scripts" / "configs"
 MVTRAIN = [sys.executable, "-m", "mvtrain.cli"]
-GiB = 1 << 30
+
+pytestmark = pytest.mark.slow  # every test runs the CLI (or gpu_check.py) in a subprocess
 
 
 def _plan(shards: Path, *args: str) -> tuple[int, dict]:
@@ -46,6 +49,31 @@ def test_plan_of_a_config_only_folder_fits_and_reports_every_field(shards: Path)
     assert plan["epoch"]["steps_per_epoch"] >= 1
     changes = {row["change"] for row in plan["advice"]}
     assert {"--lora", "--freeze-vision", "--grad-ckpt"} <= changes
+
+
+@pytest.fixture(scope="module")
+def shards_26(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 12-record set built for the 2.6 family (its index carries the per-image table)."""
+    from pipeline_data import make_pipeline_dataset
+
+    from mvprep.build import build
+    from mvprep.options import BuildOptions
+
+    data = make_pipeline_dataset(tmp_path_factory.mktemp("data") / "set", count=12)
+    out = tmp_path_factory.mktemp("shards") / "shards-26"
+    options = BuildOptions(
+        data_path=data, out_dir=out, profile="minicpmv-2.6", max_res=448, samples_per_shard=3
+    )
+    assert build(options, workers=1, progress=False).ok
+    return out
+
+
+def test_plan_of_a_2_6_build_counts_its_steps(shards_26: Path) -> None:
+    model = ["--model", str(CONFIGS / "minicpmv-2.6"), "--gpu-mem", "80GiB", "--lora"]
+    code, plan = _plan(shards_26, *model)
+    assert code == 0, plan.get("error")
+    assert plan["epoch"]["steps_per_epoch"] >= 1 and "note" not in plan["epoch"]
+    assert plan["epoch"]["costliest_batch"]["padded_patches"] > 0
 
 
 def test_more_gpus_shrink_static_memory_and_lora_shrinks_trainable(shards: Path) -> None:
@@ -141,3 +169,17 @@ def test_the_gpu_check_script_runs_its_path_on_cpu() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "predicted GiB" in proc.stdout and "plan: --token-budget" in proc.stdout
+
+
+def test_sizes_have_one_reading_and_p99_is_the_nearest_rank() -> None:
+    from mvshards.units import p99, parse_bytes
+    from mvtrain.memory.budgets import IndexStats
+
+    assert parse_bytes("80GiB") == parse_bytes("81920MiB") == parse_bytes("80 gib") == 80 * GiB
+    assert parse_bytes("80G") == parse_bytes("80GB") == parse_bytes("80000000000") == 80 * 10**9
+    for bad in ("80XB", "80iB", "1.2.3GB", "lots"):
+        with pytest.raises(ValueError, match="not a memory size"):
+            parse_bytes(bad)
+    assert p99(list(range(1, 101))) == 99  # 99 of the 100 values do not exceed it
+    assert p99(list(range(1, 49))) == 48
+    assert IndexStats.from_costs([(t, 2 * t) for t in range(1, 201)]).patches_p99 == 2 * 198

@@ -18,11 +18,12 @@ import torch
 from click.testing import CliRunner
 from train_fixtures import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 
-from mvtrain.adapters import adapter_for, token_loss_sum
 from mvtrain.distributed import DistInfo, free_port
 from mvtrain.engine import deepspeed_config, init_process_group, make_engine
-from mvtrain.model_setup import build_model
-from mvtrain.models import load_model
+from mvtrain.model.adapters import adapter_for, token_loss_sum
+from mvtrain.model.loading import load_model
+from mvtrain.model.setup import build_model
+from mvtrain.model.tiny import build_tiny_model
 from mvtrain.precision import (
     TORCH_ENGINE_FP16,
     Precision,
@@ -30,7 +31,6 @@ from mvtrain.precision import (
     resolve_dtype,
 )
 from mvtrain.run_config import RunConfig
-from mvtrain.tiny import build_tiny_model
 
 LR = 1e-5
 WORLD1 = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo")
@@ -143,6 +143,7 @@ def test_bf16_build_casts_parameters_only() -> None:
     _assert_buffers(bundle.model, reference)
 
 
+@pytest.mark.slow
 def test_deepspeed_bf16_engine_keeps_buffers_and_trains(world_of_one: DistInfo) -> None:
     reference = _fp32_buffers()
     bundle = build_model(_config(dtype="bf16"), engine_precision("bf16", True).weights)
@@ -159,6 +160,7 @@ def test_deepspeed_bf16_engine_keeps_buffers_and_trains(world_of_one: DistInfo) 
     _assert_buffers(engine.module, reference)
 
 
+@pytest.mark.slow
 def test_deepspeed_engine_undoes_a_buffer_cast_in_initialize(
     world_of_one: DistInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,6 +257,7 @@ def test_a_bf16_checkpoint_loads_in_the_dtype_asked_for(bf16_folder: Path) -> No
         _assert_buffers(bundle.model, reference)
 
 
+@pytest.mark.slow
 def test_fp16_on_the_torch_engine_is_refused_in_one_line(
     shards: Path, tmp_path: Path, clean_env: None
 ) -> None:
@@ -276,6 +279,7 @@ def test_fp16_on_the_torch_engine_is_refused_in_one_line(
     assert not out.exists(), "the run started before refusing"
 
 
+@pytest.mark.slow
 def test_auto_dtype_resolves_and_run_json_records_it(shards: Path, tmp_path: Path) -> None:
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     assert resolve_dtype("auto") == ("bf16" if cuda_bf16 else "fp32")
@@ -289,6 +293,7 @@ def test_auto_dtype_resolves_and_run_json_records_it(shards: Path, tmp_path: Pat
     assert run["cuda_alloc_conf"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("engine", "precision"),
     [
@@ -308,6 +313,7 @@ def test_bf16_runs_train_and_record_it(
     assert sorted(losses) == [1, 2] and all(0 < v < 100 for v in losses.values())
 
 
+@pytest.mark.slow
 def test_dtype_options_reach_the_config(
     shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 from PIL import Image
-from test_tario import make_sample, write_shard
+from shard_fixtures import make_sample, write_shard
 
 from mvshards.hf import hf_feature_list, hf_features, write_dataset_card
 from mvshards.schema import SampleMeta

@@ -36,7 +36,11 @@ from mvshards.verify import verify_dataset
 
 MVPREP = [sys.executable, "-m", "mvprep.cli"]
 DATASET_FILES = ("manifest.json", "rejects.jsonl", "README.md")
-ray_tests = pytest.mark.xdist_group("ray")  # all on one xdist worker: one local Ray
+
+
+def ray_tests(test):
+    """All Ray tests on one xdist worker (one local Ray), and slow."""
+    return pytest.mark.slow(pytest.mark.xdist_group("ray")(test))
 
 
 def _options(data: Path, out: Path, sps: int = 1, **kw) -> BuildOptions:
@@ -107,6 +111,7 @@ def _run_parts(data: Path, out: Path, parts: list[int], count: int) -> None:
         assert proc.returncode == 0, f"part {i}/{count}: {err}"
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_parts_merged_equal_a_local_build(
     dataset: Path, reference: Path, tmp_path: Path
 ) -> None:
@@ -138,6 +143,7 @@ def test_sixteen_concurrent_parts_merged_equal_a_local_build(
     assert all(json.loads(m.read_text())["state"] == "done" for m in markers)
 
 
+@pytest.mark.slow
 def test_merge_names_a_damaged_shard_and_refuses_an_empty_folder(
     dataset: Path, tmp_path: Path
 ) -> None:
@@ -152,6 +158,7 @@ def test_merge_names_a_damaged_shard_and_refuses_an_empty_folder(
         merge(out)
 
 
+@pytest.mark.slow
 def test_a_part_leaves_other_parts_temporaries_alone(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -172,6 +179,7 @@ def _claim(out: str, params: dict, barrier, results) -> None:
         results.put(f"{type(exc).__name__}: {exc}")
 
 
+@pytest.mark.slow
 def test_build_params_claim_is_race_safe(tmp_path: Path) -> None:
     ctx = mp.get_context("fork")
     params = {"profile": "minicpmv-4.6", "samples_per_shard": 4, "data_path": "/d.json"}
@@ -194,6 +202,7 @@ def test_build_params_claim_is_race_safe(tmp_path: Path) -> None:
         claim_build_params(out, {**params, "samples_per_shard": 8})
 
 
+@pytest.mark.slow
 def test_cli_part_and_runner_errors(dataset: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -234,6 +243,7 @@ fi
 """
 
 
+@pytest.mark.slow
 def test_slurm_array_script_submits_parts_and_a_merge(
     dataset: Path, reference: Path, tmp_path: Path
 ) -> None:

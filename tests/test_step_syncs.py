@@ -2,7 +2,7 @@
 
 On a GPU every ``.item()``, ``.tolist()``, ``float(t)`` or ``int(t)`` of a device tensor
 waits for all queued work. The test counts such reads made by mvtrain's own step machinery
-(frames in ``mvtrain.step``, ``mvtrain.adapters``, ``mvtrain.loader``, ``mvtrain.loop``)
+(frames in ``mvtrain.step``, ``mvtrain.model.adapters``, ``mvtrain.data.loader``, ``mvtrain.loop``)
 while a window of several micro-batches trains, on CPU, where the same calls are made.
 """
 
@@ -18,13 +18,14 @@ import train_fixtures
 from torch.overrides import TorchFunctionMode
 from train_fixtures import Loaded, _text_only, _with_images
 
-from mvtrain.adapters import adapter_for
+from mvtrain.budgets import Budgets
+from mvtrain.data.loader import make_micro_batch, to_device
 from mvtrain.distributed import DistInfo
 from mvtrain.engine import make_engine
-from mvtrain.loader import make_micro_batch, to_device
 from mvtrain.metrics import BatchLog
-from mvtrain.step import LiveBudgets, WindowRunner
-from mvtrain.tiny import build_tiny_model
+from mvtrain.model.adapters import adapter_for
+from mvtrain.model.tiny import build_tiny_model
+from mvtrain.step import WindowRunner
 
 _one_thread = train_fixtures._one_thread
 tok_dir = train_fixtures.tok_dir
@@ -35,7 +36,7 @@ loaded = train_fixtures.loaded
 HOST_READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__"}
 WATCHED_SOURCES = {
     str(Path(__import__(m, fromlist=["x"]).__file__).resolve())
-    for m in ("mvtrain.step", "mvtrain.adapters", "mvtrain.loader", "mvtrain.loop")
+    for m in ("mvtrain.step", "mvtrain.model.adapters", "mvtrain.data.loader", "mvtrain.loop")
 }
 
 
@@ -55,6 +56,7 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_name", ["torch"])
 def test_one_window_of_three_micro_batches_reads_the_device_once(
     loaded: dict[str, Loaded], tok_dir: Path, engine_name: str
@@ -82,7 +84,7 @@ def test_one_window_of_three_micro_batches_reads_the_device_once(
     runner = WindowRunner(engine, adapter, info, torch.device("cpu"), BatchLog(None))
     counter = HostReads()
     with counter:
-        result = runner.run(window, LiveBudgets(1 << 30, 1 << 30), step=0)
+        result = runner.run(window, Budgets(1 << 30, 1 << 30), step=0)
     assert len(counter.where) <= 1, counter.where
     assert result.tokens == sum(b.real_tokens for b in window)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import train_fixtures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from mvshards.conversation import expand_placeholders
 from mvshards.layout import assign_image_ids, compute_layout, num_image_tokens
 from mvshards.profiles import get_profile
 from mvshards.schema import ImageEntry, SampleMeta
-from mvtrain.tokenize import IGNORE_INDEX, tokenize_sample
+from mvtrain.data.tokenize import IGNORE_INDEX, tokenize_sample
 
 # The shared module-scoped fixtures (``loaded`` needs the other four), bound here so that
 # this module gets its own instances.
@@ -32,6 +33,7 @@ loaded = train_fixtures.loaded
 # --- tokenize ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_exact_length_equals_mvprep_count(loaded: dict[str, Loaded], tok_dir: Path) -> None:
     counter = HFTokenCounter(tok_dir)
     for profile in PROFILES:
@@ -68,6 +70,7 @@ def _reference_processor(tok: Any) -> Any:
     return proc
 
 
+@pytest.mark.slow
 def test_native_tokens_equal_transformers_processor(
     tiny: tuple[Any, Any], loaded: dict[str, Loaded], dataset: Path
 ) -> None:
@@ -98,6 +101,7 @@ def test_native_tokens_equal_transformers_processor(
     assert checked >= 8
 
 
+@pytest.mark.slow
 def test_remote26_span_text_is_the_official_one(loaded: dict[str, Loaded], tiny) -> None:
     _, tok = tiny
     sliced = [

@@ -3,48 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import PATCHES, TOKENS, _digests, _env, _losses, _train
 
 pytest.importorskip("deepspeed")
-
-MVTRAIN = [sys.executable, "-m", "mvtrain.cli", "run"]
-TOKENS, PATCHES = 1024, 4096
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def _train(
-    shards: Path, out: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
-):
-    cmd = [*MVTRAIN, "--shards", str(shards), "--model", "tiny", "--output", str(out)]
-    cmd += ["--token-budget", str(TOKENS), "--patch-budget", str(PATCHES), "--lr", "3e-3"]
-    cmd += ["--no-progress", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env or _env())
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _losses(out: Path) -> dict[int, float]:
-    found: dict[int, float] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        found[record["step"]] = record["loss"]  # a resumed run rewrites steps: keep the last
-    return found
-
-
-def _digests(out: Path) -> set[str]:
-    return {p.read_text().strip() for p in out.glob("params-rank*.sha256")}
+pytestmark = pytest.mark.slow  # subprocess runs, 2 ranks of DeepSpeed
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +77,7 @@ def test_the_export_loads_back_in_transformers(two_rank_run: Path) -> None:
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
-    from mvtrain.tiny import build_tiny_model
+    from mvtrain.model.tiny import build_tiny_model
 
     model, _ = build_tiny_model(seed=0)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

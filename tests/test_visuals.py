@@ -37,7 +37,6 @@ from mvprep.inspect_sample import (
 )
 from mvprep.options import BuildOptions
 from mvprep.stats import (
-    IMAGE_TABLE_KEY,
     IndexArrays,
     dataset_stats,
     load_index_arrays,
@@ -45,11 +44,13 @@ from mvprep.stats import (
     percentiles,
 )
 from mvprep.stats_plot import plot_stats
+from mvshards.families import REMOTE_26
+from mvshards.image_table import IMAGE_TABLE_KEY
 from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
 from mvshards.tario import iter_shard
+from mvtrain.batching.plan_index import slice_costs
 from mvtrain.cli import main as mvtrain_main
-from mvtrain.plan import slice_costs
 from mvtrain.report import GIB, format_report, parse_bytes, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -104,6 +105,7 @@ def _check_png(path: Path, size: tuple[int, int]) -> np.ndarray:
 # --- stats ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stats_numbers_equal_the_shard_jsons(built: Path) -> None:
     metas = _metas(built)
     stats = dataset_stats(load_index_arrays(built))
@@ -146,14 +148,16 @@ def test_stats_numbers_equal_the_shard_jsons(built: Path) -> None:
     assert sum(t <= budgets["p99"]["token_budget"] for t in tokens) >= 0.99 * len(tokens)
 
 
+@pytest.mark.slow
 def test_the_2_6_patch_cost_matches_the_trainers_slice_costs(built: Path) -> None:
     metas = _metas(built)
-    costs = per_sample_patch_cost(load_index_arrays(built), "2.6")
+    costs = per_sample_patch_cost(load_index_arrays(built), REMOTE_26.cost)
     assert costs is not None
     expected = [slices * largest for slices, largest in map(slice_costs, metas)]
     assert costs.tolist() == expected
 
 
+@pytest.mark.slow
 def test_stats_reads_the_index_alone(built: Path, tmp_path: Path) -> None:
     with_tars = CliRunner().invoke(mvprep_main, ["stats", str(built), "--json"])
     assert with_tars.exit_code == 0, with_tars.output
@@ -168,6 +172,7 @@ def test_stats_reads_the_index_alone(built: Path, tmp_path: Path) -> None:
     assert a == b
 
 
+@pytest.mark.slow
 def test_an_index_without_image_tables_still_gives_sample_stats(built: Path, tmp_path: Path):
     copy = tmp_path / "old"
     shutil.copytree(built, copy)
@@ -182,6 +187,7 @@ def test_an_index_without_image_tables_still_gives_sample_stats(built: Path, tmp
     assert stats["notes"] and "rebuild" in stats["notes"][0]
 
 
+@pytest.mark.slow
 def test_stats_refuses_an_unfinished_build(built: Path, tmp_path: Path) -> None:
     copy = tmp_path / "partial"
     shutil.copytree(built, copy)
@@ -199,6 +205,7 @@ def test_percentiles_are_nearest_rank(values: list[int]) -> None:
     assert all(isinstance(v, int) for v in found.values())
 
 
+@pytest.mark.slow
 def test_stats_png(built: Path, tmp_path: Path) -> None:
     png = tmp_path / "stats.png"
     result = CliRunner().invoke(mvprep_main, ["stats", str(built), "--png", str(png)])
@@ -207,6 +214,7 @@ def test_stats_png(built: Path, tmp_path: Path) -> None:
     _check_png(png, (1200, 900))
 
 
+@pytest.mark.slow
 def test_stats_png_of_an_empty_dataset_is_still_drawn(tmp_path: Path) -> None:
     arrays = IndexArrays(
         out=tmp_path,
@@ -237,6 +245,7 @@ def _fraction(pixels: np.ndarray, colour: tuple[int, int, int]) -> float:
     return float(np.all(np.abs(pixels.astype(int) - colour) <= 8, axis=-1).mean())
 
 
+@pytest.mark.slow
 def test_inspect_draws_the_grid_on_the_slice_boundaries(built: Path, tmp_path: Path) -> None:
     key = _sliced_key(built)
     found = inspect_sample(built, key=key)
@@ -278,6 +287,7 @@ def test_inspect_draws_the_grid_on_the_slice_boundaries(built: Path, tmp_path: P
             assert _fraction(pixels[mid, ox : ox + width], LINE) < 0.2
 
 
+@pytest.mark.slow
 def test_a_wrong_layout_is_flagged_and_drawn_wrong(built: Path) -> None:
     key = _sliced_key(built)
     members = read_members(shard_of_key(built, key), key)
@@ -296,6 +306,7 @@ def test_a_wrong_layout_is_flagged_and_drawn_wrong(built: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_inspect_placeholder_text_has_every_image_token(built: Path) -> None:
     profile = get_profile("minicpmv-4.6")
     for meta in _metas(built):
@@ -313,6 +324,7 @@ def test_inspect_placeholder_text_has_every_image_token(built: Path) -> None:
         assert expanded == text
 
 
+@pytest.mark.slow
 def test_inspect_by_id_and_its_errors(built: Path, tmp_path: Path) -> None:
     meta = next(m for m in _metas(built) if m.images)
     by_id = inspect_sample(built, record_id=meta.id)
@@ -352,6 +364,7 @@ def tiny_run(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_report_of_a_real_tiny_run(tiny_run: Path, tmp_path: Path) -> None:
     # a CPU run: no GPU memory in the metrics, the memory panel says so
     assert "max_memory_allocated" not in (tiny_run / "metrics.jsonl").read_text()
@@ -363,6 +376,7 @@ def test_report_of_a_real_tiny_run(tiny_run: Path, tmp_path: Path) -> None:
     assert re.search(r"steps 2, loss \d+\.\d+ -> \d+\.\d+", result.output)
 
 
+@pytest.mark.slow
 def test_report_draws_gpu_memory_against_the_planned_line(tiny_run: Path, tmp_path: Path):
     run = tmp_path / "gpu-run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
@@ -395,6 +409,7 @@ def _with_memory(run: Path, key: str, base_gib: float) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow
 def test_report_draws_reserved_next_to_allocated(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "gpu-run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
@@ -420,6 +435,7 @@ def test_report_errors_are_one_line(tmp_path: Path) -> None:
         parse_bytes("lots")
 
 
+@pytest.mark.slow
 def test_inspect_takes_span_strings_from_a_tokenizer(built: Path, tmp_path: Path) -> None:
     from mvshards.tiny_tokenizer import build_tiny_tokenizer
 

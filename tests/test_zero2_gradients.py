@@ -19,10 +19,10 @@ import torch
 import train_fixtures
 from train_fixtures import Loaded, _text_only, _with_images
 
-from mvtrain.adapters import adapter_for, token_loss_sum
+from mvtrain.data.loader import MicroBatch, make_micro_batch
 from mvtrain.distributed import free_port
-from mvtrain.loader import MicroBatch, make_micro_batch
-from mvtrain.tiny import build_tiny_model
+from mvtrain.model.adapters import adapter_for, token_loss_sum
+from mvtrain.model.tiny import build_tiny_model
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ from mvprep.options import BuildOptions
 from mvshards.schema import SampleMeta
 from mvshards.tario import iter_shard
 from mvshards.tiny_tokenizer import build_tiny_tokenizer
-from mvtrain.adapters import LoadedSample, load_sample
-from mvtrain.tiny import build_tiny_model
+from mvtrain.data.sample import LoadedSample, load_sample
+from mvtrain.model.tiny import build_tiny_model
 
 PROFILES = ("minicpmv-4.6", "minicpmv-4.6-4x", "minicpmv-2.6")
 MAX_SLICE_NUMS = 4  # --max-res 896

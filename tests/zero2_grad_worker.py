@@ -2,7 +2,7 @@
 
 ``python -m torch.distributed.run --nproc-per-node N zero2_grad_worker.py BATCHES TOK OUT
 BUCKET [BUCKET ...]``: rank ``r`` trains one step on micro-batch ``r`` of ``BATCHES`` (a
-``torch.save``d list of :class:`~mvtrain.loader.MicroBatch`) through the trainer's own
+``torch.save``d list of :class:`~mvtrain.data.loader.MicroBatch`) through the trainer's own
 :class:`~mvtrain.step.WindowRunner` and DeepSpeed ZeRO-2 engine, once per reduce bucket size.
 The optimizer is SGD with lr 1 and no clipping, so ``weights before - weights after`` is the
 gradient ZeRO-2 reduced; rank 0 saves it per bucket size to ``OUT``.
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from mvtrain.adapters import adapter_for
+from mvtrain.budgets import Budgets
 from mvtrain.distributed import dist_info
 from mvtrain.engine import DeepSpeedEngine, deepspeed_config, init_process_group
 from mvtrain.metrics import BatchLog
+from mvtrain.model.adapters import adapter_for
+from mvtrain.model.tiny import build_tiny_model
 from mvtrain.precision import engine_precision
-from mvtrain.step import LiveBudgets, WindowRunner
-from mvtrain.tiny import build_tiny_model
+from mvtrain.step import WindowRunner
 
 
 def reduced_gradient(batches: list, tok_dir: str, bucket: int) -> dict[str, torch.Tensor]:
@@ -44,7 +45,7 @@ def reduced_gradient(batches: list, tok_dir: str, bucket: int) -> dict[str, torc
     runner = WindowRunner(
         engine, adapter_for("minicpmv-4.6", tokenizer), info, torch.device("cpu"), BatchLog(None)
     )
-    runner.run([batches[info.rank]], LiveBudgets(1 << 30, 1 << 30), step=0)
+    runner.run([batches[info.rank]], Budgets(1 << 30, 1 << 30), step=0)
     return {n: before[n] - p.detach() for n, p in engine.module.named_parameters()}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mvtrain.budgets import Budgets
 from mvtrain.distributed import DistInfo, barrier
 from mvtrain.engine import Engine
 
@@ -51,7 +52,8 @@ class TrainState:
     """What a rank needs besides the engine to continue exactly where it stopped."""
 
     step: int
-    budgets: dict[str, int]
+    budgets: Budgets
+    """The budgets in force (the planned ones until an out-of-memory error lowers them)."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """Things that changed the run (e.g. OOM budget changes), kept across resumes."""
 
@@ -106,4 +108,5 @@ def load_checkpoint(output: Path, tag: str, engine: Engine, info: DistInfo) -> T
     engine.load(root, tag)
     saved = torch.load(rank_file, map_location="cpu", weights_only=False)
     _set_rng_state(saved["rng"])
-    return TrainState(step=saved["step"], budgets=saved["budgets"], events=saved["events"])
+    budgets = Budgets.of(saved["budgets"])
+    return TrainState(step=saved["step"], budgets=budgets, events=saved["events"])

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from mvtrain.cli_plan import plan_command, probe_command
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET
 
 
@@ -193,8 +194,8 @@ def run_command(
     """Train (or --dry-run the data path) on SHARDS."""
     if nproc_per_node and "RANK" not in os.environ:
         sys.exit(_launch(nproc_per_node, _strip_nproc(sys.argv[1:])))
+    from mvshards.units import parse_bytes
     from mvtrain.loop import run
-    from mvtrain.memory_plan import parse_bytes
     from mvtrain.run_config import RunConfig
 
     try:
@@ -214,7 +215,7 @@ def run_command(
         export=not no_export,
         **options,  # type: ignore[arg-type]
     )
-    from mvtrain.step import BackwardOomError
+    from mvtrain.oom import BackwardOomError
 
     try:
         result = run(config)
@@ -223,28 +224,7 @@ def run_command(
     except BackwardOomError as exc:
         _exit_now(f"mvtrain: {exc} (saved in {Path(config.output) / 'restart.json'})", 3)
     if os.environ.get("RANK", "0") == "0":
-        eff = result.efficiency
-        last = result.losses[max(result.losses)] if result.losses else None
-        first = result.losses[min(result.losses)] if result.losses else None
-        rows = [
-            ("steps", f"{result.steps_done}"),
-            (
-                "loss first / last",
-                f"{first:.4f} / {last:.4f}" if last is not None else "- (dry run)",
-            ),
-            ("token efficiency", f"{eff.get('token_efficiency', 0):.3f}"),
-            ("patch efficiency", f"{eff.get('patch_efficiency', 0):.3f}"),
-            ("token budget use", f"{eff.get('token_budget_utilisation', 0):.3f}"),
-            ("patch budget use", f"{eff.get('patch_budget_utilisation', 0):.3f}"),
-            ("over-budget samples skipped", f"{result.oversize}"),
-            ("length mismatches vs index", f"{result.length_mismatches}"),
-            ("output", str(result.output)),
-        ]
-        width = max(len(k) for k, _ in rows)
-        click.echo("-" * (width + 30))
-        for k, v in rows:
-            click.echo(f"{k.ljust(width)}  {v}")
-        click.echo("-" * (width + 30))
+        _print_summary(result)
 
 
 @main.command("report")
@@ -263,10 +243,11 @@ def run_command(
 )
 def report_command(out: Path, png: Path | None, memory_budget: str | None) -> None:
     """One PNG of run OUT: loss, lr, tokens/s, efficiency, budget use, GPU memory."""
-    from mvtrain.report import ReportError, format_report, parse_bytes, write_report
+    from mvshards.units import parse_bytes
+    from mvtrain.report import ReportError, format_report, write_report
 
     try:
-        budget = parse_bytes(memory_budget)
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
         report = write_report(out, png, memory_budget=budget)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -275,147 +256,34 @@ def report_command(out: Path, png: Path | None, memory_budget: str | None) -> No
     click.echo(format_report(report))
 
 
-def _dtype_choice(auto: str) -> Any:
-    """``--dtype`` of ``plan`` and ``probe``; ``auto`` explains what auto means there."""
-    return click.option(
-        "--dtype",
-        type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-        default="auto",
-        show_default=True,
-        help=f"Training precision; {auto}",
-    )
+def _print_summary(result: Any) -> None:
+    """The short table that ends a run (rank 0)."""
+    eff = result.efficiency
+    last = result.losses[max(result.losses)] if result.losses else None
+    first = result.losses[min(result.losses)] if result.losses else None
+    rows = [
+        ("steps", f"{result.steps_done}"),
+        (
+            "loss first / last",
+            f"{first:.4f} / {last:.4f}" if last is not None else "- (dry run)",
+        ),
+        ("token efficiency", f"{eff.get('token_efficiency', 0):.3f}"),
+        ("patch efficiency", f"{eff.get('patch_efficiency', 0):.3f}"),
+        ("token budget use", f"{eff.get('token_budget_utilisation', 0):.3f}"),
+        ("patch budget use", f"{eff.get('patch_budget_utilisation', 0):.3f}"),
+        ("over-budget samples skipped", f"{result.oversize}"),
+        ("length mismatches vs index", f"{result.length_mismatches}"),
+        ("output", str(result.output)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    click.echo("-" * (width + 30))
+    for k, v in rows:
+        click.echo(f"{k.ljust(width)}  {v}")
+    click.echo("-" * (width + 30))
 
 
-def _plan_options(f: Any) -> Any:
-    for option in reversed(
-        [
-            click.option(
-                "--shards",
-                type=click.Path(exists=True, file_okay=False, path_type=Path),
-                required=True,
-            ),
-            click.option(
-                "--model",
-                required=True,
-                help="'tiny', a model folder, or a folder with only config.json.",
-            ),
-            click.option("--gpus", type=int, default=1, show_default=True),
-            click.option("--gpu-mem", default="80GiB", show_default=True),
-            click.option("--zero", "zero_stage", type=int, default=2, show_default=True),
-            click.option("--lora", is_flag=True),
-            click.option("--lora-rank", type=int, default=8, show_default=True),
-            click.option("--freeze-vision", is_flag=True),
-            click.option("--grad-ckpt", is_flag=True),
-            _dtype_choice("auto = bf16: a plan is for a GPU."),
-            click.option(
-                "--engine",
-                type=click.Choice(["deepspeed", "torch"]),
-                default="deepspeed",
-                show_default=True,
-                help="The engine `mvtrain run` will use (torch: no partitioning).",
-            ),
-            click.option("--target", type=float, default=0.9, show_default=True),
-            click.option("--grad-accum", type=int, default=1, show_default=True),
-            click.option(
-                "--attention",
-                type=click.Choice(["sdpa", "flash", "eager"]),
-                default="sdpa",
-                show_default=True,
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
-
-
-@main.command("plan")
-@_plan_options
-@click.option(
-    "--probe",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Use a fit saved by `mvtrain probe` instead of the config-derived coefficients.",
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
-    """What fits: parameters, static memory, activations, budgets, and what to change."""
-    import json as json_module
-
-    from mvtrain.memory_plan import PlanRequest, format_plan, make_plan, parse_bytes
-
-    try:
-        plan = make_plan(PlanRequest(gpu_mem=parse_bytes(gpu_mem), **options))
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    if as_json:
-        click.echo(json_module.dumps(plan, default=str))
-    else:
-        click.echo(format_plan(plan))
-    sys.exit(0 if plan["token_budget"] is not None else 3)
-
-
-@main.command("probe")
-@click.option(
-    "--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
-)
-@click.option("--model", required=True)
-@click.option(
-    "--save",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("mvkit-probe.json"),
-    show_default=True,
-)
-@_dtype_choice("auto = bf16 where the GPU supports it, else fp32.")
-@click.option("--lora", is_flag=True)
-@click.option("--lora-rank", type=int, default=8, show_default=True)
-@click.option("--freeze-vision", is_flag=True)
-@click.option("--grad-ckpt", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
-def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
-    """On a GPU: measure fwd+bwd peaks on worst-case batches and fit the planner to them."""
-    from mvshards.index import load_index
-    from mvtrain.adapters import adapter_for
-    from mvtrain.memory.probe_fit import probe_setup
-    from mvtrain.model_setup import build_model
-    from mvtrain.precision import resolve_dtype
-    from mvtrain.probe import run_probe
-    from mvtrain.run_config import RunConfig
-
-    index = load_index(shards)
-    config = RunConfig(shards=shards, model=model, output=Path("."), **setup)
-    bundle = build_model(config)
-    if bundle.family != "4.6":
-        raise click.UsageError(
-            "probe drives the native 4.6 family; plan the 2.6 family from its config"
-        )
-    adapter = adapter_for(index.params["profile"], bundle.tokenizer)
-    record = probe_setup(
-        bundle.model.config,
-        model,
-        resolve_dtype(config.dtype),
-        config.lora,
-        config.lora_rank,
-        config.freeze_vision,
-        config.grad_ckpt,
-    )
-    try:
-        fit = run_probe(
-            bundle.model,
-            bundle.tokenizer.pad_token_id or 0,
-            adapter,
-            int(index.num_tokens.max()),
-            int(index.num_patches.max()),
-            save,
-            record,
-        )
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(
-        f"probe fit ({record['dtype']}) saved to {save}: {fit['bytes_per_token']:,.0f} B/token, "
-        f"{fit['bytes_per_patch']:,.0f} B/patch, const {fit['const_bytes'] / 2**30:.2f} GiB, "
-        f"max error {fit['max_relative_error']:.1%}"
-    )
-
+main.add_command(plan_command)
+main.add_command(probe_command)
 
 if __name__ == "__main__":
     main()

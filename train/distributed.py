@@ -98,14 +98,23 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     return _all_reduce(value, device, dist.ReduceOp.SUM)
 
 
-def all_reduce_max(value: float | int, device: torch.device) -> float:
-    return _all_reduce(value, device, dist.ReduceOp.MAX)
-
-
-def all_reduce_min(value: float | int, device: torch.device) -> float:
-    return _all_reduce(value, device, dist.ReduceOp.MIN)
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_rows(values: list[float | torch.Tensor], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (numbers or 0-d tensors), read on the host once."""
+    row = torch.stack(
+        [
+            v.detach().to(device=device, dtype=torch.float64)
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(v, dtype=torch.float64, device=device)
+            for v in values
+        ]
+    )
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [row.tolist()]
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, row)
+    return torch.stack(rows).tolist()

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvtrain.loader import MicroBatch
+import torch
+from tqdm import tqdm
+
+from mvtrain.data.loader import MicroBatch
 
 
 class BatchLog:
@@ -108,3 +111,75 @@ class Scalars:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+class StepReporter:
+    """What every optimizer step reports: a ``metrics.jsonl`` row and TensorBoard scalars
+    (rank 0), the progress bar, the batch log and the efficiency totals."""
+
+    def __init__(
+        self,
+        output: Path,
+        is_main: bool,
+        efficiency: Efficiency,
+        batch_log: BatchLog,
+        total_steps: int,
+        first_step: int,
+        progress: bool,
+        tensorboard: bool,
+    ) -> None:
+        self.is_main, self.efficiency, self.batch_log = is_main, efficiency, batch_log
+        self.metrics_file = Path(output) / "metrics.jsonl"
+        self.scalars = Scalars(Path(output) / "tensorboard" if is_main and tensorboard else None)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=first_step,
+            desc="mvtrain",
+            unit="step",
+            disable=not (progress and is_main),
+            dynamic_ncols=True,
+        )
+
+    def efficiency_add(self, window: list[MicroBatch]) -> None:
+        for batch in window:
+            self.efficiency.add(batch)
+
+    def dry_window(self, rank: int, step: int, window: list[MicroBatch]) -> None:
+        for micro, batch in enumerate(window):
+            self.batch_log.write(rank, step, micro, batch, None)
+
+    def step_done(
+        self,
+        step: int,
+        epoch: int,
+        loss: float | None,
+        tokens: float,
+        elapsed: float,
+        lr: float | None,
+    ) -> None:
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            **self.efficiency.report(),
+        }
+        if loss is not None:
+            record["loss"] = loss
+        if lr is not None:
+            record["lr"] = lr
+        if torch.cuda.is_available():
+            record["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+            record["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+        if self.is_main:
+            with open(self.metrics_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.scalars.log(step, {k: v for k, v in record.items() if isinstance(v, float)})
+            self.bar.set_postfix_str(
+                f"loss {loss:.4f}" if loss is not None else "dry run", refresh=False
+            )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.batch_log.close()
+        self.scalars.close()

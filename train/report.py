@@ -16,14 +16,15 @@ matplotlib's Agg canvas at a fixed size: :data:`FIGSIZE` inches x :data:`DPI`.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvshards.units import GiB as GIB
+from mvshards.units import parse_bytes as parse_bytes  # re-exported (tests import it here)
+
 FIGSIZE = (15.0, 8.0)
 DPI = 100
-GIB = 1024**3
 PLANNED_MEMORY_KEYS = ("predicted_peak_bytes", "memory_budget_bytes", "gpu_mem_bytes")
 """Where a planned per-GPU memory figure may sit in ``run.json`` (bytes)."""
 
@@ -69,19 +70,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not by_step:
         raise ReportError(f"{path} holds no steps yet: let the run finish a step")
     return [by_step[s] for s in sorted(by_step)]
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """``"80GiB"``, ``"24GB"``, ``"512MiB"`` or a plain byte count -> bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"{text!r} is not a memory size: use e.g. 80GiB, 24GB or 1000000")
-    number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
-    powers = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-    powers.update({"KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4})
-    return int(number * powers[unit])
 
 
 def _int(value: Any) -> int | None:
@@ -164,7 +152,20 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
     )
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3)
+    _draw_panels(fig.subplots(2, 3), report, memory_budget)
+    engine = run.get("engine", "?")
+    fig.suptitle(
+        f"{out}: {len(steps)} steps, engine {engine}, world size {run.get('world_size', '?')}, "
+        f"token budget {report.token_budget}, patch budget {report.patch_budget}"
+    )
+    report.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(report.png, dpi=DPI)
+    return report
+
+
+def _draw_panels(axes: Any, report: RunReport, memory_budget: int | None) -> None:
+    """The six panels: loss, lr, tokens/s, efficiency, budget use, GPU memory."""
+    steps, series = report.steps, report.series
     plain = [
         (axes[0, 0], [("loss", series["loss"])], "loss"),
         (axes[0, 1], [("lr", series["lr"])], "learning rate"),
@@ -194,14 +195,6 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
         ("reserved", series["max_memory_reserved"]),
     ]
     _memory_panel(axes[1, 2], steps, peaks, memory_budget, report)
-    engine = run.get("engine", "?")
-    fig.suptitle(
-        f"{out}: {len(steps)} steps, engine {engine}, world size {run.get('world_size', '?')}, "
-        f"token budget {report.token_budget}, patch budget {report.patch_budget}"
-    )
-    report.png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(report.png, dpi=DPI)
-    return report
 
 
 def _memory_panel(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvtrain.budgets import Budgets
+
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_PATCH_BUDGET = 65536
 
@@ -53,6 +55,13 @@ class RunConfig:
     export: bool = True
     dist_timeout_minutes: float = 60.0
     """How long a collective waits for the other ranks before failing."""
+
+    @property
+    def budgets(self) -> Budgets:
+        """The run's budgets; ``auto`` ones must have been filled in (the session does)."""
+        if self.token_budget is None or self.patch_budget is None:
+            raise ValueError("'auto' budgets are filled in from the memory plan first")
+        return Budgets(self.token_budget, self.patch_budget)
 
     def validate(self) -> None:
         from mvtrain.precision import check_dtype

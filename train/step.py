@@ -28,11 +28,7 @@ Out of memory (``torch.OutOfMemoryError``, raised on the host by the allocator):
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,129 +37,37 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from mvtrain.adapters import Adapter
-from mvtrain.distributed import DistInfo
-from mvtrain.loader import MicroBatch, make_micro_batch, to_device
+from mvtrain.budgets import Budgets
+from mvtrain.data.loader import MicroBatch, to_device
+from mvtrain.distributed import DistInfo, all_gather_rows
+from mvtrain.faults import Faults
 from mvtrain.metrics import BatchLog
-from mvtrain.tokenize import IGNORE_INDEX, TokenizedSample
+from mvtrain.model.adapters import Adapter
+from mvtrain.oom import (
+    BackwardOomError,
+    WindowProgress,
+    filler_batch,
+    free_memory,
+    raise_oom,
+    split_to_fit,
+    write_restart,
+)
 
 log = logging.getLogger("mvtrain.step")
 
-OOM_FAULT_ENV = "MVTRAIN_FAULT"
-"""Test-only fault injection: ``oom-forward:T`` / ``oom-backward:T`` raise a real
-``torch.OutOfMemoryError`` in forward / inside backward of any micro-batch whose padded
-token count exceeds ``T``; ``oom-forward-rank1:T`` / ``oom-backward-rank1:T`` on rank 1 only."""
-
-RESTART_FILE = "restart.json"
-"""In the output folder: the budgets to restart with after a backward OOM under DeepSpeed."""
-
 MAX_ATTEMPTS = 16
 """Agreements per window before the step gives up (budgets shrink by ``factor`` each time)."""
-
-
-class BackwardOomError(RuntimeError):
-    """An OOM in backward that the engine cannot undo (DeepSpeed ZeRO)."""
-
-
-@dataclass
-class LiveBudgets:
-    """The budgets in force now: the planned ones until an OOM lowers them."""
-
-    tokens: int
-    patches: int
-
-    def fits(self, batch: MicroBatch) -> bool:
-        return batch.padded_tokens <= self.tokens and batch.padded_patches <= self.patches
-
-    def as_dict(self) -> dict[str, int]:
-        return {"tokens": self.tokens, "patches": self.patches}
 
 
 @dataclass
 class WindowResult:
     loss: float
     """Sum of token losses over the window on all ranks / the global label count."""
+    budgets: Budgets
+    """The budgets in force after the window (lowered by an out-of-memory error)."""
     tokens: int = 0
     """Real tokens trained in the window on all ranks."""
     events: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """The parsed ``MVTRAIN_FAULT`` OOM injection (read once, not in the hot path)."""
-
-    phase: str | None = None
-    threshold: int = 0
-    rank: int | None = None
-
-    @classmethod
-    def from_env(cls) -> FaultPlan:
-        action, _, threshold = os.environ.get(OOM_FAULT_ENV, "").partition(":")
-        for phase in ("forward", "backward"):
-            if action in (f"oom-{phase}", f"oom-{phase}-rank1"):
-                rank = 1 if action.endswith("-rank1") else None
-                return cls(phase, int(threshold), rank)
-        return cls()
-
-    def hits(self, batch: MicroBatch, phase: str, rank: int) -> bool:
-        if self.phase != phase or (self.rank is not None and rank != self.rank):
-            return False
-        return batch.weight > 0 and batch.padded_tokens > self.threshold
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def split_to_fit(batch: MicroBatch, budgets: LiveBudgets, adapter: Adapter) -> list[MicroBatch]:
-    """``batch`` as micro-batches within ``budgets`` (halving, order kept). A single sample
-    that alone breaks a budget stays as it is: it is tried, and skipped if it fails."""
-    if budgets.fits(batch) or len(batch.samples) == 1:
-        return [batch]
-    half = len(batch.samples) // 2
-    pieces = []
-    for part in (batch.samples[:half], batch.samples[half:]):
-        piece = make_micro_batch(batch.position, part, batch.weight, adapter)
-        pieces.extend(split_to_fit(piece, budgets, adapter))
-    return pieces
-
-
-def filler_batch(like: MicroBatch, adapter: Adapter) -> MicroBatch:
-    """A two-token, text-only, zero-weight micro-batch: the cheapest round that still runs
-    the same graph (the adapter's dummy image included) and so the same collectives."""
-    pad = adapter.pad_token_id
-    sample = like.samples[0]
-    tiny = dataclasses.replace(
-        sample,
-        tokenized=TokenizedSample(sample.meta.key, [pad, pad], [IGNORE_INDEX] * 2, []),
-        pixel_values=[],
-        tgt_sizes=[],
-    )
-    return make_micro_batch(like.position, [tiny], 0.0, adapter)
-
-
-@dataclass
-class _Pass:
-    """What one rank did in the rounds of a window since its last agreement."""
-
-    done: list[tuple[MicroBatch, torch.Tensor]] = field(default_factory=list)
-    """Planned micro-batches (zero-weight ones too, not fillers) with their loss sums."""
-    failed: list[MicroBatch] = field(default_factory=list)
-    """Micro-batches whose forward ran out of memory."""
-    backward_batch: MicroBatch | None = None
-    """The micro-batch whose backward ran out of memory (plain torch engine: replay)."""
-    proposal: tuple[int, int] | None = None
-
-    def propose(self, batch: MicroBatch, budgets: LiveBudgets, factor: float) -> None:
-        tokens = int(min(budgets.tokens, batch.padded_tokens) * factor)
-        patches = budgets.patches
-        if batch.padded_patches:
-            patches = int(min(budgets.patches, batch.padded_patches) * factor)
-        if self.proposal is not None:
-            tokens, patches = min(tokens, self.proposal[0]), min(patches, self.proposal[1])
-        self.proposal = (max(1, tokens), max(1, patches))
 
 
 @dataclass
@@ -192,8 +96,8 @@ class WindowRunner:
     on_event: Callable[[dict[str, Any]], None] = lambda event: None
     restart_file: Path | None = None
     """Where a backward OOM under DeepSpeed writes the budgets to restart with."""
-    faults: FaultPlan = field(default_factory=FaultPlan.from_env)
-    planned_budgets: LiveBudgets | None = None
+    faults: Faults = field(default_factory=Faults.from_env)
+    planned_budgets: Budgets | None = None
     """The budgets the epoch was planned with: while the live ones are not lower, no
     micro-batch is split and ranks need not exchange queue lengths."""
 
@@ -203,28 +107,29 @@ class WindowRunner:
         all ranks must run the same rounds."""
         return self._deepspeed and self.info.world_size > 1
 
-    def _within_plan(self, budgets: LiveBudgets) -> bool:
+    def _within_plan(self, budgets: Budgets) -> bool:
         """Whether ``budgets`` still hold every planned micro-batch, so no rank splits one
         and every rank's queue is its window."""
         planned = self.planned_budgets
         if planned is None:
             return False
-        return budgets.tokens >= planned.tokens and budgets.patches >= planned.patches
+        return budgets.covers(planned)
 
     @property
     def _deepspeed(self) -> bool:
         return getattr(self.engine, "name", "") == "deepspeed"
 
-    def run(self, window: list[MicroBatch], budgets: LiveBudgets, step: int) -> WindowResult:
+    def run(self, window: list[MicroBatch], budgets: Budgets, step: int) -> WindowResult:
         """Forward/backward every micro-batch of the window, then one optimizer step.
 
-        ``budgets`` is updated in place when an OOM lowers them.
+        The result carries the budgets in force afterwards: ``budgets``, or the lower ones
+        every rank agreed on after an out-of-memory error.
         """
         labels_here = sum(b.num_label_tokens for b in window)
         denominator = self._global_sum(labels_here)
         events: list[dict[str, Any]] = []
         queue = [p for b in window for p in split_to_fit(b, budgets, self.adapter)]
-        state = _Pass()
+        state = WindowProgress()
         rounds = self._rounds(queue, agreed=self._within_plan(budgets))
         self._run_rounds(queue, rounds, window[0], budgets, denominator, state)
         for _attempt in range(MAX_ATTEMPTS):
@@ -233,10 +138,10 @@ class WindowRunner:
                 self.engine.step()
                 self._log_batches(step, state)
                 loss = outcome.loss_sum / max(outcome.label_count, 1)
-                return WindowResult(loss=loss, tokens=outcome.real_tokens, events=events)
-            _free_memory()
+                return WindowResult(loss, budgets, outcome.real_tokens, events)
+            free_memory()
             old = budgets.as_dict()
-            budgets.tokens, budgets.patches = outcome.tokens, outcome.patches
+            budgets = Budgets(outcome.tokens, outcome.patches)
             queue = self._pending(state, window, budgets, step, old, events)
             rounds = self._rounds(queue, agreed=not self.lockstep)
             self._run_rounds(queue, rounds, window[0], budgets, denominator, state)
@@ -256,16 +161,16 @@ class WindowRunner:
         differ) the longest queue of any rank -- an extra exchange, only after an OOM."""
         if agreed or not self.lockstep:
             return len(queue)
-        return int(max(row[0] for row in _gather_rows([float(len(queue))], self.device)))
+        return int(max(row[0] for row in all_gather_rows([float(len(queue))], self.device)))
 
     def _run_rounds(
         self,
         queue: list[MicroBatch],
         rounds: int,
         like: MicroBatch,
-        budgets: LiveBudgets,
+        budgets: Budgets,
         denominator: torch.Tensor,
-        state: _Pass,
+        state: WindowProgress,
     ) -> None:
         for i in range(rounds):
             if state.backward_batch is not None:
@@ -277,23 +182,23 @@ class WindowRunner:
         self,
         batch: MicroBatch | None,
         like: MicroBatch,
-        budgets: LiveBudgets,
+        budgets: Budgets,
         denominator: torch.Tensor,
-        state: _Pass,
+        state: WindowProgress,
     ) -> None:
         """One round: forward and backward of ``batch`` (None: a filler when in lockstep)."""
         rank = self.info.rank
         loss_sum = None
         if batch is not None:
             try:
-                if self.faults.hits(batch, "forward", rank):
+                if self.faults.oom_hits("forward", rank, batch.weight, batch.padded_tokens):
                     raise torch.OutOfMemoryError(f"injected OOM at {batch.padded_tokens} tokens")
                 loss_sum = self._forward(batch)
             except torch.OutOfMemoryError:
                 loss_sum = None
                 state.failed.append(batch)
                 state.propose(batch, budgets, self.factor)
-                _free_memory()
+                free_memory()
         filler = loss_sum is None
         if filler:
             if not self.lockstep:
@@ -306,8 +211,8 @@ class WindowRunner:
         if batch.weight == 0:
             loss_sum = loss_sum * 0.0
         try:
-            if self.faults.hits(batch, "backward", rank):
-                loss_sum.register_hook(_raise_oom)
+            if self.faults.oom_hits("backward", rank, batch.weight, batch.padded_tokens):
+                loss_sum.register_hook(raise_oom)
             self.engine.backward(loss_sum / denominator)
         except torch.OutOfMemoryError:
             self._backward_oom(batch, budgets, state)
@@ -320,51 +225,29 @@ class WindowRunner:
         loss_sum, _count = self.adapter.forward_loss(self.engine, inputs)
         return loss_sum
 
-    def _backward_oom(self, batch: MicroBatch, budgets: LiveBudgets, state: _Pass) -> None:
+    def _backward_oom(self, batch: MicroBatch, budgets: Budgets, state: WindowProgress) -> None:
         if not self._deepspeed:
             state.propose(batch, budgets, self.factor)
             state.backward_batch = batch
-            _free_memory()
+            free_memory()
             return
         self._stop_for_restart(batch, budgets, state, "backward")
 
     def _stop_for_restart(
-        self, batch: MicroBatch, budgets: LiveBudgets, state: _Pass, where: str
+        self, batch: MicroBatch, budgets: Budgets, state: WindowProgress, where: str
     ) -> NoReturn:
         """Write the lowered budgets to ``restart_file`` and raise :class:`BackwardOomError`:
         the other ranks are inside a collective this rank cannot join any more."""
         if batch.weight > 0:
             state.propose(batch, budgets, self.factor)
         tokens, patches = state.proposal or (budgets.tokens, budgets.patches)
-        message = (
-            f"rank {self.info.rank}: out of memory in {where} on a micro-batch of "
-            f"{batch.padded_tokens} padded tokens / {batch.padded_patches} patches under "
-            "DeepSpeed ZeRO, whose gradients are already being reduced across ranks; "
-            f"restart with --resume --token-budget {tokens} --patch-budget {patches}"
+        message = write_restart(
+            self.restart_file, self.info.rank, batch, Budgets(tokens, patches), where
         )
-        if self.restart_file is not None:
-            self.restart_file.parent.mkdir(parents=True, exist_ok=True)
-            self.restart_file.write_text(
-                json.dumps(
-                    {
-                        "reason": f"out of memory in {where}",
-                        "rank": self.info.rank,
-                        "keys": batch.keys,
-                        "padded_tokens": batch.padded_tokens,
-                        "padded_patches": batch.padded_patches,
-                        "token_budget": tokens,
-                        "patch_budget": patches,
-                        "resume_options": f"--resume --token-budget {tokens} "
-                        f"--patch-budget {patches}",
-                    },
-                    indent=1,
-                )
-                + "\n"
-            )
         raise BackwardOomError(message)
 
     def _agree(
-        self, state: _Pass, budgets: LiveBudgets, labels_here: int, window: list[MicroBatch]
+        self, state: WindowProgress, budgets: Budgets, labels_here: int, window: list[MicroBatch]
     ) -> _Outcome:
         """The one host sync of the window: every rank's outcome, gathered and read."""
         oom = bool(state.failed) or state.backward_batch is not None
@@ -375,7 +258,7 @@ class WindowRunner:
             loss = torch.zeros((), dtype=torch.float64, device=self.device)
         real = sum(b.real_tokens for b in window if b.weight)
         host = [float(oom), float(tokens), float(patches), float(labels_here), float(real)]
-        rows = _gather_rows([*host, loss], self.device)
+        rows = all_gather_rows([*host, loss], self.device)
         return _Outcome(
             any_oom=any(row[0] for row in rows),
             tokens=int(min(row[1] for row in rows)),
@@ -387,9 +270,9 @@ class WindowRunner:
 
     def _pending(
         self,
-        state: _Pass,
+        state: WindowProgress,
         window: list[MicroBatch],
-        budgets: LiveBudgets,
+        budgets: Budgets,
         step: int,
         old: dict[str, int],
         events: list[dict[str, Any]],
@@ -421,7 +304,7 @@ class WindowRunner:
         action: str,
         batch: MicroBatch,
         old: dict[str, int],
-        budgets: LiveBudgets,
+        budgets: Budgets,
     ) -> None:
         event = {
             "step": step,
@@ -438,7 +321,7 @@ class WindowRunner:
         self.on_event(event)
         log.warning("out of memory: %s", event)
 
-    def _log_batches(self, step: int, state: _Pass) -> None:
+    def _log_batches(self, step: int, state: WindowProgress) -> None:
         if not self.batch_log.enabled or not state.done:
             return
         values = torch.stack([loss for _, loss in state.done]).tolist()
@@ -447,24 +330,3 @@ class WindowRunner:
             self.batch_log.write(
                 self.info.rank, step, micro, batch, value / count if count else None
             )
-
-
-def _gather_rows(values: list[float | torch.Tensor], device: torch.device) -> list[list[float]]:
-    """Every rank's ``values`` (numbers or 0-d tensors), read on the host once."""
-    row = torch.stack(
-        [
-            v.detach().to(device=device, dtype=torch.float64)
-            if isinstance(v, torch.Tensor)
-            else torch.tensor(v, dtype=torch.float64, device=device)
-            for v in values
-        ]
-    )
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [row.tolist()]
-    rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, row)
-    return torch.stack(rows).tolist()
-
-
-def _raise_oom(grad: torch.Tensor) -> torch.Tensor:
-    raise torch.OutOfMemoryError("injected backward OOM")

@@ -11,27 +11,6 @@ buffers). In parts (:func:`memory_breakdown`):
 * device = reserved + CUDA context + NCCL buffers.
 
 The non-tensor terms are ESTIMATES, named in :class:`Overhead`.
-
-Rule (:func:`plan_budgets`):
-
-1. Headroom for activations: ``target_fraction * gpu_bytes - static - fixed overhead``; the
-   activation peak ``A`` of a batch then needs ``A + fragmentation(A)`` of it.
-2. The budgets keep the dataset's own mix: ``patch_budget = ratio * token_budget`` with
-   ``ratio = total padded-cost patches / total tokens`` over the index, so a micro-batch of
-   typical samples reaches both budgets at about the same time (neither resource idles).
-3. The worst micro-batch the bucketer can form under ``(T, P)`` fills both budgets at once,
-   with the longest sample of the index setting the padding shape (``B = T // L_max``
-   sequences of ``L_max``, which maximises the quadratic mask term ``B*L^2 = T*L_max``).
-   ``T`` is the largest multiple of :data:`ROUND` whose worst batch, with
-   ``P = ratio * T`` rounded down to a multiple of :data:`ROUND`, fits; ``T + ROUND`` does
-   not (found by bisection: the peak is monotone in ``T``).
-4. The p99 sample must fit alone: if ``T`` is below the p99 token count (or ``P`` below the
-   p99 patch count) that budget is raised to it and the other one gets the largest multiple
-   of :data:`ROUND` that still fits. When even that does not fit, :class:`BudgetError` says
-   how many bytes are missing.
-
-The patch budget is at least 1, also for a text-only index, whose micro-batches still run
-the dummy image.
 """
 
 from __future__ import annotations
@@ -40,10 +19,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple, Protocol
 
+from mvshards.units import GiB, MiB, p99
 from mvtrain.memory.static import StaticMemory
 
-GiB = 1 << 30
-MiB = 1 << 20
 ROUND = 64
 
 CUDA_CONTEXT_BYTES = 512 * MiB
@@ -130,7 +108,8 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class IndexStats:
-    """What the budget rule needs from the shard index (per-sample padded costs)."""
+    """What the budget rule needs from the shard index (per-sample padded costs); the p99
+    figures are by nearest rank (:func:`mvshards.units.p99`)."""
 
     count: int
     total_tokens: int
@@ -155,11 +134,6 @@ class IndexStats:
             patches.append(int(p))
         if not tokens:
             raise ValueError("the index is empty: no samples to plan budgets for")
-
-        def p99(values: list[int]) -> int:
-            ordered = sorted(values)
-            return ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1) + 0.999999))]
-
         return cls(
             count=len(tokens),
             total_tokens=sum(tokens),
@@ -215,7 +189,7 @@ def predicted_peak_bytes(
 
 def worst_batch_peak(act: PeakModel, tokens: int, patches: int, longest: int) -> int:
     """Activation peak of the worst micro-batch within ``(tokens, patches)`` budgets when the
-    longest sample has ``longest`` tokens (see the module doc, step 3)."""
+    longest sample has ``longest`` tokens (:func:`plan_budgets`, step 3)."""
     length = max(1, min(longest, tokens)) if tokens else 1
     batch = max(1, tokens // length)
     return act.peak_bytes(tokens, patches, batch, length, padded=batch > 1)
@@ -245,6 +219,27 @@ def _largest_multiple(fits: Callable[[int], bool], low: int) -> int:
     return lo * ROUND
 
 
+def _fill(
+    need: Callable[[int, int], int], available: int, ratio: float, need_t: int, need_p: int
+) -> tuple[int, int]:
+    """Steps 2 to 4 of :func:`plan_budgets`: the largest ``(T, P)`` at the index's patch/token
+    ``ratio`` whose ``need`` is within ``available``, a budget below the p99 sample's
+    ``need_t``/``need_p`` raised to it and the other one refilled; ``P`` at least 1."""
+
+    def fits(tokens: int, patches: int) -> bool:
+        return need(tokens, patches) <= available
+
+    tokens = _largest_multiple(lambda t: fits(t, _round_down(ratio * t)), 0)
+    patches = _round_down(ratio * tokens)
+    if tokens < need_t:
+        tokens = need_t
+        patches = max(need_p, _largest_multiple(lambda p: fits(tokens, p), 0))
+    elif patches < need_p:
+        patches = need_p
+        tokens = max(need_t, _largest_multiple(lambda t: fits(t, patches), 0))
+    return tokens, max(patches, 1)
+
+
 def plan_budgets(
     static_bytes: int | StaticMemory,
     activation_model: PeakModel,
@@ -253,7 +248,26 @@ def plan_budgets(
     index_stats: IndexStats | Mapping[str, Any],
     overhead: Overhead | None = None,
 ) -> BudgetPlan:
-    """Budgets that fit ``target_fraction`` of a ``gpu_bytes`` card (rule in the module doc).
+    """Budgets that fit ``target_fraction`` of a ``gpu_bytes`` card, by this rule:
+
+    1. Headroom for activations: ``target_fraction * gpu_bytes - static - fixed overhead``; the
+       activation peak ``A`` of a batch then needs ``A + fragmentation(A)`` of it.
+    2. The budgets keep the dataset's own mix: ``patch_budget = ratio * token_budget`` with
+       ``ratio = total padded-cost patches / total tokens`` over the index, so a micro-batch of
+       typical samples reaches both budgets at about the same time (neither resource idles).
+    3. The worst micro-batch the bucketer can form under ``(T, P)`` fills both budgets at once,
+       with the longest sample of the index setting the padding shape (``B = T // L_max``
+       sequences of ``L_max``, which maximises the quadratic mask term ``B*L^2 = T*L_max``).
+       ``T`` is the largest multiple of :data:`ROUND` whose worst batch, with
+       ``P = ratio * T`` rounded down to a multiple of :data:`ROUND`, fits; ``T + ROUND`` does
+       not (found by bisection: the peak is monotone in ``T``).
+    4. The p99 sample (nearest rank, :func:`mvshards.units.p99`) must fit alone: if ``T`` is
+       below the p99 token count (or ``P`` below the p99 patch count) that budget is raised to
+       it and the other one gets the largest multiple of :data:`ROUND` that still fits. When
+       even that does not fit, :class:`BudgetError` says how many bytes are missing.
+
+    The patch budget is at least 1, also for a text-only index, whose micro-batches still run
+    the dummy image.
 
     ``overhead`` None: :meth:`Overhead.for_gpus` of the static memory's GPU count (one GPU
     when ``static_bytes`` is a plain number)."""
@@ -263,12 +277,10 @@ def plan_budgets(
         gpus = static_bytes.num_gpus if isinstance(static_bytes, StaticMemory) else 1
         overhead = Overhead.for_gpus(gpus)
     stats = _stats(index_stats)
-    act = activation_model
+    act, longest = activation_model, max(1, stats.tokens_max)
     limit = int(target_fraction * gpu_bytes)
     fixed = _static_total(static_bytes) + overhead.fixed
     available = limit - fixed
-    ratio = stats.patch_token_ratio
-    longest = max(1, stats.tokens_max)
 
     def need(tokens: int, patches: int) -> int:
         peak = worst_batch_peak(act, tokens, patches, longest)
@@ -285,15 +297,7 @@ def plan_budgets(
             needed=fixed + needed,
             available=limit,
         )
-    tokens = _largest_multiple(lambda t: need(t, _round_down(ratio * t)) <= available, 0)
-    patches = _round_down(ratio * tokens)
-    if tokens < need_t:
-        tokens = need_t
-        patches = max(need_p, _largest_multiple(lambda p: need(tokens, p) <= available, 0))
-    elif patches < need_p:
-        patches = need_p
-        tokens = max(need_t, _largest_multiple(lambda t: need(t, patches) <= available, 0))
-    patches = max(patches, 1)
+    tokens, patches = _fill(need, available, stats.patch_token_ratio, need_t, need_p)
     peak = worst_batch_peak(act, tokens, patches, longest)
     parts = memory_breakdown(static_bytes, peak, overhead)
     return BudgetPlan(tokens, patches, parts["device"], peak, parts["reserved"], parts["allocated"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mvshards.families import NATIVE_46, REMOTE_26, Family
 from mvtrain.memory.params import RemoteConfig, remote_llm_style
 
 
@@ -49,8 +50,8 @@ class TextDims:
 class VisionDims:
     """Vision tower and merger/resampler sizes."""
 
-    family: str
-    """``"4.6"`` (NaViT SigLIP + window merger + MLP merger) or ``"2.6"`` (SigLIP + resampler)."""
+    family: Family
+    """4.6 family: NaViT SigLIP + window merger + MLP merger; 2.6 family: SigLIP + resampler."""
     hidden: int
     intermediate: int
     layers: int
@@ -128,7 +129,7 @@ def vision_dims(config: Any, downsample_mode: str | None = None) -> VisionDims:
             1 if raw.get("drop_vision_last_layer") else 0
         )
         return VisionDims(
-            family="2.6",
+            family=REMOTE_26,
             hidden=int(v.get("hidden_size", 1152)),
             intermediate=int(v.get("intermediate_size", 4304)),
             layers=layers,
@@ -140,7 +141,7 @@ def vision_dims(config: Any, downsample_mode: str | None = None) -> VisionDims:
         )
     vc = _get(config, "vision_config")
     return VisionDims(
-        family="4.6",
+        family=NATIVE_46,
         hidden=int(_get(vc, "hidden_size")),
         intermediate=int(_get(vc, "intermediate_size")),
         layers=int(_get(vc, "num_hidden_layers")),

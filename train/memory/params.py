@@ -6,21 +6,8 @@
   exact.
 * The 2.6 family (MiniCPM-V 2.6, MiniCPM-o 2.6, 4.0, 4.5; ``model_type`` ``minicpmv``/
   ``minicpmo``): its modelling code ships with the checkpoint and is not here, so the count
-  is an analytic ESTIMATE from the config fields (``ParamCounts.estimate`` is True):
-
-  - LLM (Qwen2 / Qwen3 / Llama style): embeddings ``vocab*hidden``; per layer attention
-    ``hidden*(heads*head_dim) + 2*hidden*(kv_heads*head_dim) + (heads*head_dim)*hidden``
-    (+ q/k/v biases for Qwen2, version < 4; + q/k RMSNorm weights for Qwen3, version >= 4.5),
-    SwiGLU MLP ``3*hidden*intermediate``, two RMSNorms ``2*hidden``; final norm ``hidden``;
-    ``lm_head`` ``vocab*hidden`` unless ``tie_word_embeddings``.
-  - Vision (SigLIP-400M style NaViT ``vpm``): patch conv ``3*p*p*d + d``, position
-    embedding ``(image_size/p)^2 * d``; per layer ``4*(d*d + d)`` attention, ``2*d*i + i + d``
-    MLP, ``4*d`` for two LayerNorms; post LayerNorm ``2*d`` (the last layer is dropped when
-    ``drop_vision_last_layer``).
-  - Resampler (``query_num`` learned queries, one cross-attention into the LLM width
-    ``E = hidden``): queries ``query_num*E``, ``kv_proj`` ``d*E`` (when ``d != E``), an
-    ``nn.MultiheadAttention`` ``4*E*E + 4*E``, three LayerNorms ``6*E``, output projection
-    ``E*E``.
+  is an analytic ESTIMATE from the config fields (``ParamCounts.estimate`` is True; the
+  formulas are in :func:`_remote_counts`).
 
 Parts: ``llm`` is the language model INCLUDING its token embeddings and ``lm_head`` (a tied
 ``lm_head`` is counted once); ``vision`` is the vision tower (for 4.6 including its
@@ -28,7 +15,7 @@ window-attention ``vit_merger``); ``resampler`` is the 4.6 ``merger`` MLP or the
 resampler; ``other`` is anything else (0 for the known families).
 
 LoRA: ``r*(in+out)`` trainable parameters per ``nn.Linear`` whose module name fully matches
-:data:`mvtrain.model_setup.LORA_TARGETS` (q/k/v/o/gate/up/down projections of the language
+:data:`mvtrain.model.lora.LORA_TARGETS` (q/k/v/o/gate/up/down projections of the language
 model), exactly what ``peft`` adds with ``bias="none"``; everything else is frozen.
 ``freeze_vision`` freezes the vision tower only (the merger/resampler stays trainable).
 """
@@ -41,7 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mvtrain.model_setup import LORA_TARGETS  # the trainer's own pattern: one definition
+from mvshards.families import NATIVE_46, REMOTE_26
+from mvtrain.model.lora import LORA_TARGETS
 
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")
 REMOTE_MODEL_TYPES = ("minicpmv", "minicpmo")
@@ -76,6 +64,7 @@ class ParamCounts:
     lora_targets: int
     """Linear modules LoRA wraps."""
     family: str
+    """The model family's name (:attr:`mvshards.families.Family.name`)."""
     estimate: bool
     """True when counted analytically from config fields (2.6 family)."""
 
@@ -125,7 +114,7 @@ def meta_model(config: Any) -> Any:
     else:
         raise ValueError(f"no native class for model_type {model_type!r}")
     # A fresh copy: the run may have switched the live config's attention implementation
-    # (mvtrain.attention), which a new model would try to load as a kernel.
+    # (mvtrain.model.attention), which a new model would try to load as a kernel.
     config = config.__class__.from_dict(config.to_dict())
     with torch.device("meta"):
         return cls(config)
@@ -188,6 +177,22 @@ def remote_llm_style(raw: dict[str, Any]) -> str:
 def _remote_counts(
     raw: dict[str, Any], lora: bool, lora_rank: int
 ) -> tuple[dict[str, int], int, int]:
+    """Parts, LoRA parameters and LoRA targets of a 2.6-family ``config.json`` (ESTIMATE):
+
+    * LLM (Qwen2 / Qwen3 / Llama style): embeddings ``vocab*hidden``; per layer attention
+      ``hidden*(heads*head_dim) + 2*hidden*(kv_heads*head_dim) + (heads*head_dim)*hidden``
+      (+ q/k/v biases for Qwen2, version < 4; + q/k RMSNorm weights for Qwen3, version
+      >= 4.5), SwiGLU MLP ``3*hidden*intermediate``, two RMSNorms ``2*hidden``; final norm
+      ``hidden``; ``lm_head`` ``vocab*hidden`` unless ``tie_word_embeddings``.
+    * Vision (SigLIP-400M style NaViT ``vpm``): patch conv ``3*p*p*d + d``, position
+      embedding ``(image_size/p)^2 * d``; per layer ``4*(d*d + d)`` attention,
+      ``2*d*i + i + d`` MLP, ``4*d`` for two LayerNorms; post LayerNorm ``2*d`` (the last
+      layer is dropped when ``drop_vision_last_layer``).
+    * Resampler (``query_num`` learned queries, one cross-attention into the LLM width
+      ``E = hidden``): queries ``query_num*E``, ``kv_proj`` ``d*E`` (when ``d != E``), an
+      ``nn.MultiheadAttention`` ``4*E*E + 4*E``, three LayerNorms ``6*E``, output projection
+      ``E*E``.
+    """
     d = _llm_dims(raw)
     h, kv, q = d["hidden"], d["kv_heads"] * d["head_dim"], d["heads"] * d["head_dim"]
     style = remote_llm_style(raw)
@@ -237,23 +242,20 @@ def count_parameters(
         model_or_config = RemoteConfig(raw=model_or_config)
     if isinstance(model_or_config, RemoteConfig):
         parts, lora_params, targets = _remote_counts(model_or_config.raw, lora, lora_rank)
-        family, estimate = "2.6", True
+        family, estimate = REMOTE_26.name, True
     elif isinstance(model_or_config, nn.Module):
         base = getattr(model_or_config, "base_model", None)
         if base is not None and hasattr(base, "model") and hasattr(model_or_config, "peft_config"):
             raise ValueError("count_parameters takes the base model, not a PEFT-wrapped one")
         parts, lora_params, targets = _module_counts(model_or_config, lora, lora_rank)
-        family = (
-            "4.6"
-            if any(
-                p.startswith("model.vision_tower") for p, _ in model_or_config.named_parameters()
-            )
-            else "2.6"
+        native = any(
+            p.startswith("model.vision_tower") for p, _ in model_or_config.named_parameters()
         )
+        family = (NATIVE_46 if native else REMOTE_26).name
     else:
         model = meta_model(model_or_config)
         parts, lora_params, targets = _module_counts(model, lora, lora_rank)
-        family = "4.6"
+        family = NATIVE_46.name
     total = sum(parts.values())
     if lora:
         t_llm, t_vision, t_res = lora_params, 0, 0

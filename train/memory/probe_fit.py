@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ PROBE_ATTENTION = "sdpa"
 def config_hash(config: Any) -> str:
     """A short hash of the dimensions the memory model reads from a config (native or
     :class:`~mvtrain.memory.params.RemoteConfig`): equal for a loaded model and its
-    config-only folder."""
-    dims = repr((text_dims(config), vision_dims(config)))
+    config-only folder. The family enters by name, so the hash does not move when
+    :class:`mvshards.families.Family` gains fields."""
+    vision = vision_dims(config)
+    dims = repr((text_dims(config), replace(vision, family=vision.family.name)))
     return hashlib.sha256(dims.encode()).hexdigest()[:16]
 
 

@@ -53,7 +53,7 @@ def _static_storages(model: nn.Module) -> set[int]:
 
 
 def _default_adapter(model: nn.Module) -> Any:
-    from mvtrain.adapters import Native46Adapter
+    from mvtrain.model.adapters import Native46Adapter
 
     return Native46Adapter(pad_token_id=0)
 

@@ -4,44 +4,8 @@
 vision: all but the vision tower), ``N`` = data-parallel GPUs, ``w`` = bytes of the model
 dtype (2 for bf16/fp16, 4 for fp32). The optimizer is torch AdamW (two fp32 moments).
 
-Mixed precision (bf16), as DeepSpeed 0.19 implements it (``stage_1_and_2.py``,
-``bf16_optimizer.py``):
-
-====== ========== ======================= ============== ============= =================
-stage  weights    16-bit gradients        fp32 gradients fp32 master   Adam m, v
-====== ========== ======================= ============== ============= =================
-0      ``2P``     ``2Pt`` (full)          ``4Pt`` (full) ``4Pt/N``     ``8Pt/N``
-1      ``2P``     ``2Pt`` (full)          ``4Pt/N``      ``4Pt/N``     ``8Pt/N``
-2      ``2P``     ``2Pt/N`` (partition)   ``4Pt/N``      ``4Pt/N``     ``8Pt/N``
-====== ========== ======================= ============== ============= =================
-
-So ZeRO-2 full fine-tuning is ``2P + 18P/N`` -- exactly DeepSpeed's own
-``estimate_zero2_model_states_mem_needs(P, N, cpu_offload=False)`` GPU figure ("2 =
-params_16bit, 18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit +
-8_optimizer_states_32bit"); ZeRO-1 is the ``4P + 16P/N`` form quoted in the DeepSpeed/ZeRO
-paper family (16-bit gradients are not partitioned); stage 0 uses DeepSpeed's
-``BF16_Optimizer`` (full fp32 gradient accumulation buffer, fp32 master and moments
-partitioned like ZeRO-1). The terms we count are the ones DeepSpeed counts: 16-bit weights,
-16-bit gradients, the fp32 gradient partition, the fp32 master partition, m and v.
-
-fp32 training (``--dtype fp32``): weights ``4P``; gradients ``4Pt`` (stages 0/1) or
-``4Pt/N`` (stage 2); DeepSpeed still keeps an fp32 master partition ``4Pt/N`` and an fp32
-gradient partition ``4Pt/N``; Adam ``8Pt/N``. fp16 is laid out like bf16.
-
-Not model states, reported separately in :attr:`StaticMemory.buffer_bytes`: ZeRO's
-communication buckets (``reduce_bucket_size`` / ``allgather_bucket_size`` elements; the
-generated config, :func:`mvtrain.engine.deepspeed_config`, uses 2e8 of each and sets
-``overlap_comm`` on CUDA). With ``overlap_comm`` we follow the documented rule: "overlap_comm
-uses 4.5x the allgather_bucket_size and reduce_bucket_size values. So if they are set to 5e8,
-this requires a 9GB footprint (5e8 x 2Bytes x 2 x 4.5)" (Hugging Face Transformers, DeepSpeed
-integration guide, ZeRO-2 config, ``docs/source/en/main_classes/deepspeed.md``; DeepSpeed's
-own ``config-json`` page documents the two bucket sizes but not the multiplier), i.e.
-``4.5 * (reduce + allgather) * g`` bytes with ``g`` the gradient element size (2e8 + 2e8 in
-bf16: 3.6e9 bytes). It is a rule of thumb and an upper bound: DeepSpeed 0.19's
-``stage_1_and_2.py`` allocates two ``reduce_bucket_size`` staging buffers with
-``overlap_comm`` (one without), the rest being transient copies of the reduction and the
-parameter all-gather. Without ``overlap_comm``: one reduce bucket, ``reduce * g``.
-
+ZeRO's layout of these terms, per stage and dtype, is derived in :func:`static_memory`; its
+communication buckets, reported apart from the model states, in :func:`bucket_bytes`.
 The plain torch engine (:func:`torch_engine_static_memory`) has no partitioning at all.
 The CUDA context, library workspaces and allocator slack are not tensors of the model:
 :class:`mvtrain.memory.budgets.Overhead` names them.
@@ -116,7 +80,22 @@ def bucket_bytes(
     reduce_bucket_size: int, allgather_bucket_size: int, grad_bytes: int, overlap_comm: bool
 ) -> int:
     """ZeRO communication buffers: ``4.5 * (reduce + allgather) * grad_bytes`` with
-    ``overlap_comm`` (the documented rule, see the module doc), one reduce bucket without."""
+    ``overlap_comm``, one reduce bucket without.
+
+    Not model states: :attr:`StaticMemory.buffer_bytes`. The bucket sizes are elements
+    (``reduce_bucket_size`` / ``allgather_bucket_size``; the generated config,
+    :func:`mvtrain.engine.deepspeed_config`, uses 2e8 of each and sets ``overlap_comm`` on
+    CUDA). With ``overlap_comm`` we follow the documented rule: "overlap_comm
+    uses 4.5x the allgather_bucket_size and reduce_bucket_size values. So if they are set to 5e8,
+    this requires a 9GB footprint (5e8 x 2Bytes x 2 x 4.5)" (Hugging Face Transformers, DeepSpeed
+    integration guide, ZeRO-2 config, ``docs/source/en/main_classes/deepspeed.md``; DeepSpeed's
+    own ``config-json`` page documents the two bucket sizes but not the multiplier), i.e.
+    ``4.5 * (reduce + allgather) * g`` bytes with ``g`` the gradient element size (2e8 + 2e8 in
+    bf16: 3.6e9 bytes). It is a rule of thumb and an upper bound: DeepSpeed 0.19's
+    ``stage_1_and_2.py`` allocates two ``reduce_bucket_size`` staging buffers with
+    ``overlap_comm`` (one without), the rest being transient copies of the reduction and the
+    parameter all-gather. Without ``overlap_comm``: one reduce bucket, ``reduce * g``.
+    """
     if overlap_comm:
         elements = OVERLAP_COMM_FACTOR * (int(reduce_bucket_size) + int(allgather_bucket_size))
         return int(elements * grad_bytes)
@@ -142,32 +121,50 @@ def static_memory(
 ) -> StaticMemory:
     """Static bytes per GPU under DeepSpeed ZeRO ``zero_stage`` (0, 1, 2) on ``num_gpus``.
 
-    ``dtype``: the resolved training dtype (``bf16``/``fp16``/``fp32``).
-    ``reduce_bucket_size`` None (or 0) leaves the buckets out. Integer division per term, as
-    DeepSpeed's partitions (padding ignored).
+    Mixed precision (bf16), as DeepSpeed 0.19 implements it (``stage_1_and_2.py``,
+    ``bf16_optimizer.py``):
+
+    ====== ========== ======================= ============== ============= =================
+    stage  weights    16-bit gradients        fp32 gradients fp32 master   Adam m, v
+    ====== ========== ======================= ============== ============= =================
+    0      ``2P``     ``2Pt`` (full)          ``4Pt`` (full) ``4Pt/N``     ``8Pt/N``
+    1      ``2P``     ``2Pt`` (full)          ``4Pt/N``      ``4Pt/N``     ``8Pt/N``
+    2      ``2P``     ``2Pt/N`` (partition)   ``4Pt/N``      ``4Pt/N``     ``8Pt/N``
+    ====== ========== ======================= ============== ============= =================
+
+    So ZeRO-2 full fine-tuning is ``2P + 18P/N`` -- exactly DeepSpeed's own
+    ``estimate_zero2_model_states_mem_needs(P, N, cpu_offload=False)`` GPU figure ("2 =
+    params_16bit, 18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit +
+    8_optimizer_states_32bit"); ZeRO-1 is the ``4P + 16P/N`` form quoted in the DeepSpeed/ZeRO
+    paper family (16-bit gradients are not partitioned); stage 0 uses DeepSpeed's
+    ``BF16_Optimizer`` (full fp32 gradient accumulation buffer, fp32 master and moments
+    partitioned like ZeRO-1). The terms we count are the ones DeepSpeed counts: 16-bit weights,
+    16-bit gradients, the fp32 gradient partition, the fp32 master partition, m and v.
+
+    fp32 training (``--dtype fp32``): weights ``4P``; gradients ``4Pt`` (stages 0/1) or
+    ``4Pt/N`` (stage 2); DeepSpeed still keeps an fp32 master partition ``4Pt/N`` and an fp32
+    gradient partition ``4Pt/N``; Adam ``8Pt/N``. fp16 is laid out like bf16.
+
+    ``dtype``: resolved (``bf16``/``fp16``/``fp32``). ``reduce_bucket_size`` None (or 0)
+    leaves the buckets out. Integer division per term, as DeepSpeed's partitions (no padding).
     """
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage must be 0, 1 or 2 (ZeRO-3 is unsupported), got {zero_stage}")
     _check_counts(total_params, trainable_params, num_gpus)
     n, p, pt = num_gpus, total_params, trainable_params
     w = resolved_bytes(dtype)
-    mixed = w == 2
-    weights = w * p
-    gradients = w * pt // n if zero_stage == 2 else w * pt
     # BF16_Optimizer (stage 0) accumulates into a full fp32 buffer; ZeRO keeps a partition.
-    fp32_grads = 4 * pt if (mixed and zero_stage == 0) else 4 * pt // n
-    master = 4 * pt // n
-    adam = 8 * pt // n
+    fp32_grads = 4 * pt if (w == 2 and zero_stage == 0) else 4 * pt // n
     buffers = 0
     if reduce_bucket_size and zero_stage in (1, 2) and pt:
         grad_bytes = w if zero_stage == 2 else 4  # ZeRO-1 stages the fp32 accumulator
         buffers = bucket_bytes(reduce_bucket_size, allgather_bucket_size, grad_bytes, overlap_comm)
     return StaticMemory(
-        weights=weights,
-        gradients=gradients,
+        weights=w * p,
+        gradients=w * pt // n if zero_stage == 2 else w * pt,
         fp32_gradients=fp32_grads,
-        master_weights=master,
-        optimizer_states=adam,
+        master_weights=4 * pt // n,
+        optimizer_states=8 * pt // n,
         buffer_bytes=buffers,
         zero_stage=zero_stage,
         num_gpus=n,

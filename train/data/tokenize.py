@@ -16,26 +16,8 @@ piece, and since every span starts and ends with a special (added) token, which 
 tokenizer splits out before BPE, the pieces tokenize the same inside the whole text
 (see ``mvprep.tokens.HFTokenCounter``).
 
-Image spans (``<image_id>k</image_id>`` only when the stored ``image_id`` is not None):
-
-* 4.6 family, as ``MiniCPMV4_6Processor.replace_image_token`` + ``_prepend_local_ids``:
-  ``<image>`` + image_token * (patches // 16, or // 4 in "4x") + ``</image>``, then for a
-  sliced image each row of slices ``(<slice> + image_token * n + </slice>) * cols``, rows
-  joined by ``"\\n"``. The image token is the tokenizer's ``image_token`` (``<unk>`` in the
-  tiny tokenizer).
-* 2.6 family, as the official fine-tuning code (``preprocess`` / ``get_grid_placeholder``
-  with ``new_schema``): the same shape with ``<unk>`` * 64 per (sub)image.
-
-Label rule (unshifted, aligned with ``input_ids``; ``-100`` = no loss): the tokens of every
-assistant turn's content plus the end-of-turn token (``<|im_end|>``, else the tokenizer's
-eos) that closes the turn; everything else -- system and user turns, role headers, template
-newlines, image spans in user turns -- is ``-100``. This is the official MiniCPM-V
-fine-tuning rule (``finetune/dataset.py``: assistant content and its ``<|im_end|>`` are
-supervised, the rest masked) with one deliberate difference: the official Qwen2 path also
-supervises the newline token after the ``assistant`` role header (its span starts right
-after the ``assistant`` token); here the span starts at the content, as most SFT trainers
-do. The 2.6 adapter shifts these labels left by one, as the official code hands them to
-its loss; the native loss shifts inside :func:`mvtrain.adapters.token_loss_sum`.
+Image spans follow each family's processor and labels the official fine-tuning rule with
+one deliberate difference: :func:`tokenize_sample` and :func:`_labels` give both exactly.
 
 Assistant content is located in the rendered text exactly (a second render with markers in
 place of the assistant contents, see :func:`_assistant_ranges`) and mapped to tokens with
@@ -93,7 +75,18 @@ def end_of_turn_id(tokenizer: Any) -> int:
 
 
 def tokenize_sample(meta: SampleMeta, tokenizer: Any, profile_name: str) -> TokenizedSample:
-    """Tokenize ``meta``'s conversation with real image spans; labels by the module's rule."""
+    """Tokenize ``meta``'s conversation with real image spans; labels by :func:`_labels`.
+
+    Image spans (``<image_id>k</image_id>`` only when the stored ``image_id`` is not None):
+
+    * 4.6 family, as ``MiniCPMV4_6Processor.replace_image_token`` + ``_prepend_local_ids``:
+      ``<image>`` + image_token * (patches // 16, or // 4 in "4x") + ``</image>``, then for a
+      sliced image each row of slices ``(<slice> + image_token * n + </slice>) * cols``, rows
+      joined by ``"\\n"``. The image token is the tokenizer's ``image_token`` (``<unk>`` in the
+      tiny tokenizer).
+    * 2.6 family, as the official fine-tuning code (``preprocess`` / ``get_grid_placeholder``
+      with ``new_schema``): the same shape with ``<unk>`` * 64 per (sub)image.
+    """
     profile = get_profile(profile_name)
     tokens = span_tokens(tokenizer, profile.family)
     spans = [image_span_text(entry, profile, tokens) for entry in meta.images]
@@ -193,7 +186,19 @@ def _labels(
     offsets: Sequence[tuple[int, int]],
     eot_id: int,
 ) -> list[int]:
-    """Unshifted labels: tokens overlapping each range, then the first end-of-turn token."""
+    """Unshifted labels: tokens overlapping each range, then the first end-of-turn token.
+
+    Label rule (unshifted, aligned with ``input_ids``; ``-100`` = no loss): the tokens of every
+    assistant turn's content plus the end-of-turn token (``<|im_end|>``, else the tokenizer's
+    eos) that closes the turn; everything else -- system and user turns, role headers, template
+    newlines, image spans in user turns -- is ``-100``. This is the official MiniCPM-V
+    fine-tuning rule (``finetune/dataset.py``: assistant content and its ``<|im_end|>`` are
+    supervised, the rest masked) with one deliberate difference: the official Qwen2 path also
+    supervises the newline token after the ``assistant`` role header (its span starts right
+    after the ``assistant`` token); here the span starts at the content, as most SFT trainers
+    do. The 2.6 adapter shifts these labels left by one, as the official code hands them to
+    its loss; the native loss shifts inside :func:`mvtrain.model.adapters.token_loss_sum`.
+    """
     labels = [IGNORE_INDEX] * len(input_ids)
     t = 0
     for i, (start, end) in enumerate(ranges):

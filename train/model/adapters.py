@@ -12,20 +12,14 @@
   *pre-shifted* (``labels[i]`` is the target of the logits at ``i``). The model pads every
   (sub)image to the longest one in the batch.
 
-Costs (:meth:`padded_cost`), from metadata alone (no pixels): tokens ``B * max_len`` for
-both; patches ``sum(num_patches)`` (4.6) or ``subimages * max_patches_per_subimage`` (2.6).
+Costs (:meth:`~_FamilyAdapter.padded_cost`), from metadata alone (no pixels): the family's
+cost model (:class:`mvshards.cost.CostModel`) over each sample's
+:class:`~mvshards.cost.SampleCost`. :data:`ADAPTERS` maps each family to its adapter class.
 
-Vision every step, through the real image path: a rank whose micro-batch has no image must
-still run the vision tower, or ZeRO-2's gradient reduce fails. It must also run it *where an
-image would run*: ZeRO-2 fills its reduce buckets in the order gradients become ready in
-backward, so every rank's graph needs the same shape or the ranks sum different parameters
-slot by slot (silently wrong gradients on NCCL, a size mismatch abort on gloo).
-:meth:`Native46Adapter.forward_loss` therefore sends the dummy image
-(:meth:`~Native46Adapter.dummy_vision_inputs`) through the model's own image path: it appends
-a column of placeholder positions -- the image token in row 0, padding elsewhere -- masked
-out of attention and labels, so the features are scattered into the LLM input as real ones
-are, and reach the loss with exactly zero weight. The 2.6 remote code does the same by itself
-in training mode (a 224x224 zero image added to the embeddings ``* 0``).
+Vision every step, through the real image path: a text-only 4.6 micro-batch sends a dummy
+image through the model's own image path (:meth:`Native46Adapter.with_dummy_image`), so every
+rank's backward graph -- the order ZeRO-2 fills its reduce buckets in -- has the same shape.
+The 2.6 remote code does the same by itself in training mode.
 
 Loss: :func:`token_loss_sum` returns the *sum* of token losses and the label count (a tensor on
 the loss's device: reading it would be a host sync; the step counts labels on the host with
@@ -36,79 +30,35 @@ the accumulation window over all ranks.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from mvshards.profiles import PROFILES, get_profile
+from mvshards.cost import SampleCost
+from mvshards.families import NATIVE_46, REMOTE_26, Family, get_family
+from mvshards.profiles import PROFILES, Profile, get_profile
 from mvshards.schema import SampleMeta
-from mvtrain.pixels import PATCH_SIZE, sample_pixels
-from mvtrain.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_sample
+from mvtrain.data.pixels import PATCH_SIZE
+from mvtrain.data.sample import LoadedSample
+from mvtrain.data.tokenize import IGNORE_INDEX
 
 DUMMY_GRID = 4
 """Side, in patches, of the dummy image a text-only 4.6 micro-batch runs (4x4 = 16 patches:
 the smallest grid the 2x2 window merger and then the 2x2 MLP merger accept)."""
 
 
-@dataclass
-class LoadedSample:
-    """One sample ready to collate: its metadata, tokens and pixels."""
-
-    meta: SampleMeta
-    tokenized: TokenizedSample
-    pixel_values: list[torch.Tensor]
-    """Per (sub)image, in vision order: ``[3, 14, H*W/14]`` float32."""
-    tgt_sizes: list[tuple[int, int]]
-    """Per (sub)image: patch grid ``(H/14, W/14)``."""
-
-
-def load_sample(
-    meta: SampleMeta, members: Mapping[str, bytes], tokenizer: Any, profile_name: str
-) -> LoadedSample:
-    """Tokenize ``meta`` and decode its images from ``members`` (``{ext: bytes}``)."""
-    family = get_profile(profile_name).family
-    tokenized = tokenize_sample(meta, tokenizer, profile_name)
-    pixel_values, tgt_sizes = sample_pixels(meta, members, family)
-    return LoadedSample(meta, tokenized, pixel_values, tgt_sizes)
-
-
-@dataclass(frozen=True)
-class CostItem:
-    """What the padded cost of a sample depends on."""
-
-    num_tokens: int
-    num_patches: int
-    num_subimages: int | None = None
-    """Sources plus slices of all images; None when unknown (an index row)."""
-    max_subimage_patches: int | None = None
-    """Patches of the largest (sub)image (rows*cols of its tgt_size); None when unknown."""
-
-
-def cost_item(x: Any) -> CostItem:
-    """A :class:`CostItem` from a CostItem, LoadedSample, SampleMeta or index row.
-
-    Index rows (``[key, num_tokens, num_patches, num_images]``) carry no per-(sub)image
-    sizes, so they serve the 4.6 cost only.
-    """
-    if isinstance(x, CostItem):
+def sample_cost(x: SampleCost | LoadedSample | SampleMeta | Sequence[Any]) -> SampleCost:
+    """The :class:`~mvshards.cost.SampleCost` of a loaded sample (its exact token count and
+    decoded patch grids), a sample's metadata, or an index row (no (sub)image sizes)."""
+    if isinstance(x, SampleCost):
         return x
     if isinstance(x, LoadedSample):
-        grids = x.tgt_sizes
-        return CostItem(
-            len(x.tokenized),
-            sum(r * c for r, c in grids),
-            len(grids),
-            max((r * c for r, c in grids), default=0),
-        )
+        return SampleCost.from_grids(x.meta.key, len(x.tokenized), x.tgt_sizes)
     if isinstance(x, SampleMeta):
-        grids = [t for image in x.images for t in image.layout.tgt_sizes]
-        return CostItem(
-            x.num_tokens, x.num_patches, len(grids), max((r * c for r, c in grids), default=0)
-        )
+        return SampleCost.from_meta(x)
     if isinstance(x, Sequence) and len(x) == 4 and isinstance(x[0], str):
-        return CostItem(int(x[1]), int(x[2]))
+        return SampleCost.from_index_row(x)
     raise TypeError(f"cannot take a cost from {type(x).__name__}")
 
 
@@ -152,16 +102,38 @@ def _pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-class Native46Adapter:
+class _FamilyAdapter:
+    """What every adapter shares: its family and the family's padded cost."""
+
+    family: ClassVar[Family]
+
+    @classmethod
+    def padded_cost(cls, items: Sequence[Any]) -> tuple[int, int]:
+        """``(padded tokens, padded patches)`` of a batch of ``items`` (anything
+        :func:`sample_cost` takes) by the family's cost model; ValueError when an item lacks
+        the per-(sub)image sizes the model reads."""
+        costs = [sample_cost(x) for x in items]
+        for cost in costs:
+            cls.family.cost.check(cost)
+        return cls.family.cost.padded(costs)
+
+
+class Native46Adapter(_FamilyAdapter):
     """Batches for the native MiniCPM-V 4.6 / 4.7 classes."""
 
-    family = "4.6"
+    family = NATIVE_46
     pre_shifted_labels = False
 
     def __init__(self, pad_token_id: int, downsample_mode: str | None = None) -> None:
         self.pad_token_id = int(pad_token_id)
         self.downsample_mode = downsample_mode
         """``"4x"`` for the 4x profile; None keeps the model config's (``"16x"``)."""
+
+    @classmethod
+    def for_profile(cls, pad_token_id: int, profile: Profile | None) -> Native46Adapter:
+        """The adapter of ``profile`` (None: the model config's downsampling)."""
+        four_x = profile is not None and profile.patch_tokens_divisor == 4
+        return cls(pad_token_id, downsample_mode="4x" if four_x else None)
 
     def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
         """Model inputs plus ``labels``; ``pixel_values``/``target_sizes`` None without images."""
@@ -182,14 +154,6 @@ class Native46Adapter:
             "pixel_values": pixel_values,
             "target_sizes": target_sizes,
         }
-
-    @staticmethod
-    def padded_cost(items: Sequence[Any]) -> tuple[int, int]:
-        """``(B * max_len, sum of patches)``: NaViT packing pads no pixels."""
-        costs = [cost_item(x) for x in items]
-        if not costs:
-            return 0, 0
-        return len(costs) * max(c.num_tokens for c in costs), sum(c.num_patches for c in costs)
 
     @staticmethod
     def label_count(batch: Mapping[str, Any]) -> int:
@@ -233,6 +197,12 @@ class Native46Adapter:
         every gradient are those of the text alone, while the graph runs vision tower ->
         mergers -> placeholder scatter -> LLM exactly as for a real image. Works on tensors
         already on the device (no host sync).
+
+        Why the real path: ZeRO-2 fills its reduce buckets in the order gradients become
+        ready in backward. A dummy run beside the LLM (its features added to the loss times
+        0) makes the vision gradients ready first on a text-only rank and last on an image
+        rank, so the ranks would sum different parameters slot by slot: silently wrong
+        gradients on NCCL, a size-mismatch abort on gloo.
         """
         config = _unwrap(model).config
         ids = batch["input_ids"]
@@ -274,14 +244,19 @@ class Native46Adapter:
         return token_loss_sum(out.logits, batch["labels"])
 
 
-class Remote26Adapter:
+class Remote26Adapter(_FamilyAdapter):
     """Batches for the 2.6 family (MiniCPM-V 2.6, MiniCPM-o 2.6, 4.0, 4.5; remote code)."""
 
-    family = "2.6"
+    family = REMOTE_26
     pre_shifted_labels = True
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = int(pad_token_id)
+
+    @classmethod
+    def for_profile(cls, pad_token_id: int, profile: Profile | None) -> Remote26Adapter:
+        """The adapter of ``profile`` (every 2.6-family profile batches alike)."""
+        return cls(pad_token_id)
 
     def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
         """The official ``data_collator`` layout, labels shifted left by one."""
@@ -309,22 +284,6 @@ class Remote26Adapter:
         }
 
     @staticmethod
-    def padded_cost(items: Sequence[Any]) -> tuple[int, int]:
-        """``(B * max_len, subimages * max patches per subimage)``: the model pads every
-        (sub)image of the batch to the longest."""
-        costs = [cost_item(x) for x in items]
-        if not costs:
-            return 0, 0
-        if any(c.num_subimages is None or c.max_subimage_patches is None for c in costs):
-            raise ValueError(
-                "the 2.6 patch cost needs per-(sub)image sizes (SampleMeta or CostItem); "
-                "index rows do not carry them"
-            )
-        subimages = sum(c.num_subimages or 0 for c in costs)
-        longest = max(c.max_subimage_patches or 0 for c in costs)
-        return len(costs) * max(c.num_tokens for c in costs), subimages * longest
-
-    @staticmethod
     def label_count(batch: Mapping[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
@@ -342,9 +301,16 @@ class Remote26Adapter:
 
 Adapter = Native46Adapter | Remote26Adapter
 
+ADAPTERS: dict[Family, type[Native46Adapter] | type[Remote26Adapter]] = {
+    NATIVE_46: Native46Adapter,
+    REMOTE_26: Remote26Adapter,
+}
+"""The adapter class of each family."""
 
-def adapter_for(family_or_profile: str, tokenizer: Any | None = None) -> Adapter:
-    """The adapter of a family (``"4.6"``/``"2.6"``) or profile (``"minicpmv-4.6-4x"``).
+
+def adapter_for(family_or_profile: Family | Profile | str, tokenizer: Any | None = None) -> Adapter:
+    """The adapter of a family, a profile, or the name of either (``minicpmv-4.6-4x``,
+    ``2.6``).
 
     The pad id comes from ``tokenizer`` (pad, else eos, else 0).
     """
@@ -353,17 +319,20 @@ def adapter_for(family_or_profile: str, tokenizer: Any | None = None) -> Adapter
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    if family_or_profile in PROFILES:
+    profile: Profile | None = None
+    if isinstance(family_or_profile, Family):
+        family = family_or_profile
+    elif isinstance(family_or_profile, Profile):
+        profile, family = family_or_profile, family_or_profile.family
+    elif family_or_profile in PROFILES:
         profile = get_profile(family_or_profile)
         family = profile.family
-        downsample = "4x" if profile.patch_tokens_divisor == 4 else None
     else:
-        family, downsample = family_or_profile, None
-    if family == "4.6":
-        return Native46Adapter(pad, downsample_mode=downsample)
-    if family == "2.6":
-        return Remote26Adapter(pad)
-    raise ValueError(
-        f"unknown model family or profile {family_or_profile!r}; expected '4.6', '2.6' or "
-        f"one of {sorted(PROFILES)}"
-    )
+        try:
+            family = get_family(family_or_profile)
+        except ValueError:
+            raise ValueError(
+                f"unknown model family or profile {family_or_profile!r}; expected a family "
+                f"name or one of {sorted(PROFILES)}"
+            ) from None
+    return ADAPTERS[family].for_profile(pad, profile)

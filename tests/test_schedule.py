@@ -1,10 +1,14 @@
 """Epoch plans: every sample once per epoch across ranks, shards split by rank, budgets kept,
 pure function of the inputs, seeded orders, costliest batch first, equal steps with zero-weight
-fillers, no length-sorted batch order, bounded shuffle buffer, real index and sample JSON."""
+fillers, no length-sorted batch order, bounded shuffle buffer, real index and sample JSON; a 2.6
+build plans from its index's per-image table as from its samples' JSON."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -12,23 +16,29 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pipeline_data import make_pipeline_dataset
 
+from mvprep.build import build
+from mvprep.options import BuildOptions
+from mvshards.image_table import IMAGE_TABLE_KEY
 from mvshards.index import ShardEntry, load_index, write_entry, write_manifest
 from mvshards.layout import compute_layout, num_image_tokens
 from mvshards.profiles import get_profile
 from mvshards.schema import ImageEntry, SampleMeta, sample_key
-from mvtrain.bucketer import Budgets
-from mvtrain.plan import (
-    PlanIndex,
+from mvshards.tario import iter_shard
+from mvtrain.batching.plan_index import PlanIndex, slice_costs
+from mvtrain.batching.schedule import (
     all_rank_plans,
     buffer_shuffle,
     epoch_plan,
     equal_step_plans,
     padded_plan,
     plan_report,
-    slice_costs,
     steps_per_epoch,
 )
+from mvtrain.budgets import Budgets
+from mvtrain.data.lengths import exact_lengths
+from mvtrain.model.tiny import load_tiny_tokenizer
 
 
 @st.composite
@@ -60,6 +70,7 @@ def synthetic(n: int, seed: int = 0, per_shard: int = 50) -> PlanIndex:
     return PlanIndex.from_arrays(keys, np.arange(n) // per_shard, tokens, patches, None, table)
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None)
 @given(
     index=index_st(),
@@ -261,3 +272,63 @@ def test_from_a_real_index_with_slice_table(tmp_path: Path) -> None:
             pps = max((table.get(k, (0, 0))[1] for k in b.keys), default=0)
             assert b.padded_patches == sum(table.get(k, (0, 0))[0] for k in b.keys) * pps
     assert plan_report(plans)["cost_model"] == "2.6"
+
+
+@pytest.fixture(scope="module")
+def built_26(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 2.6 build (sliced, multi-image and text-only samples) with its per-image table."""
+    data = make_pipeline_dataset(tmp_path_factory.mktemp("data") / "set", count=12)
+    out = tmp_path_factory.mktemp("built") / "26"
+    options = BuildOptions(
+        data_path=data, out_dir=out, profile="minicpmv-2.6", max_res=896, samples_per_shard=4
+    )
+    assert build(options, workers=1, progress=False).ok
+    return out
+
+
+def _json_slice_table(out: Path) -> dict[str, tuple[int, int]]:
+    return {
+        key: slice_costs(SampleMeta.from_json(json.loads(members["json"])))
+        for shard in load_index(out).shard_paths()
+        for key, members in iter_shard(shard)
+    }
+
+
+@pytest.mark.slow
+def test_a_2_6_build_plans_from_its_index_as_from_its_json(built_26: Path) -> None:
+    dataset = load_index(built_26)
+    from_index = PlanIndex.from_index(dataset)
+    from_json = PlanIndex.from_index(dataset, _json_slice_table(built_26))
+    for name in ("keys", "shard_ids", "tokens", "patches", "slices", "max_patches_per_slice"):
+        assert np.array_equal(getattr(from_index, name), getattr(from_json, name)), name
+    assert (from_index.slices > dataset.num_images).any()  # slices counted, not only sources
+    budgets = Budgets(4096, 40000)
+    plans = all_rank_plans(from_index, 0, 0, 2, budgets, "2.6")
+    assert plans == all_rank_plans(from_json, 0, 0, 2, budgets, "2.6")
+    assert sum(p.num_samples + len(p.oversize) for p in plans) == len(dataset)
+
+
+@pytest.mark.slow
+def test_an_old_2_6_index_reads_slices_from_the_json(
+    built_26: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(built_26, old)
+    for path in (old / "index").glob("*.json"):
+        obj = json.loads(path.read_text())
+        del obj["stats"][IMAGE_TABLE_KEY]
+        path.write_text(json.dumps(obj))
+    dataset = load_index(old)
+    assert dataset.slice_costs() is None
+    with pytest.raises(ValueError, match="per-image table"):
+        epoch_plan(dataset, 0, 0, 0, 1, Budgets(4096, 40000), "2.6")
+    tokenizer = load_tiny_tokenizer()
+    with caplog.at_level(logging.INFO, logger="mvtrain"):
+        lengths = exact_lengths(dataset, tokenizer, "minicpmv-2.6", None)
+    assert "no per-image table" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mvtrain"):
+        fresh = exact_lengths(load_index(built_26), tokenizer, "minicpmv-2.6", None)
+    assert "no per-image table" not in caplog.text
+    assert lengths.slices == fresh.slices == _json_slice_table(built_26)
+    assert np.array_equal(lengths.tokens, fresh.tokens)

@@ -1,10 +1,11 @@
 """Fetch planned micro-batches from the shards: read by key, decode, tokenize, collate.
 
-The plan (``mvtrain.plan``) says which samples form each micro-batch, in order. The loader
-reads each sample's members straight from its tar (member offsets come from one header
-scan per shard, cached), turns them into model inputs with the family's adapter, and yields
-micro-batches in plan order. With DataLoader workers, worker ``w`` builds micro-batches
-``i`` with ``i % num_workers == w``, which the DataLoader interleaves back into order.
+The schedule (``mvtrain.batching.schedule``) says which samples form each micro-batch, in
+order. The loader reads each sample's members straight from its tar (member offsets come
+from one header scan per shard, cached), turns them into model inputs with the family's
+adapter, and yields micro-batches in schedule order. With DataLoader workers, worker ``w``
+builds micro-batches ``i`` with ``i % num_workers == w``, which the DataLoader interleaves
+back into order.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mvshards.schema import SampleMeta
 from mvshards.tario import split_member_name
-from mvtrain.adapters import Adapter, LoadedSample, load_sample
-from mvtrain.plan import RankPlan
+from mvtrain.batching.schedule import RankPlan
+from mvtrain.data.sample import LoadedSample, load_sample
+from mvtrain.model.adapters import Adapter
 
-log = logging.getLogger("mvtrain.loader")
+log = logging.getLogger("mvtrain.data.loader")
 
 AUTO_WORKERS = 4
 """Most DataLoader workers per rank that ``--loader-workers auto`` starts on CUDA."""

@@ -7,12 +7,12 @@ the decoded array, no second decode), every (sub)image is normalised and reshape
 NaViT layout ``[3, patch, H*W/patch]`` (``reshape_by_patch`` of the processors), and its patch
 grid ``(rows, cols) = (H/patch, W/patch)`` is returned next to it.
 
-Normalisation, bit for bit:
+Normalisation, bit for bit, by the family's :class:`~mvshards.families.PixelNorm`:
 
-* ``"4.6"``: as ``MiniCPMV4_6ImageProcessorPil`` -- ``rescale`` (uint8 to float64 times 1/255,
-  cast to float32) then ``normalize`` with ``IMAGENET_STANDARD_MEAN``/``STD`` (0.5, 0.5) in
-  float32: ``(x - 0.5) / 0.5``.
-* ``"2.6"``: as the official fine-tuning transform (``ToTensor`` + ``Normalize`` with the
+* 4.6 family: as ``MiniCPMV4_6ImageProcessorPil`` -- ``rescale`` (uint8 to float64 times
+  1/255, cast to float32) then ``normalize`` with ``IMAGENET_STANDARD_MEAN``/``STD`` (0.5,
+  0.5) in float32: ``(x - 0.5) / 0.5``.
+* 2.6 family: as the official fine-tuning transform (``ToTensor`` + ``Normalize`` with the
   Inception mean/std, also 0.5/0.5): ``x / 255`` in float32, then ``(x - 0.5) / 0.5``.
 
 Both are per-value functions of the uint8 input, so each is applied as a 256-entry lookup
@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from functools import cache
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mvshards.families import NATIVE_46, Family, PixelNorm
 from mvshards.schema import SampleMeta
 
 PATCH_SIZE = 14
@@ -39,26 +41,23 @@ class PixelError(ValueError):
     """A stored image does not match its sample's layout (one line naming key and member)."""
 
 
-def _lut(family: str) -> np.ndarray:
+@cache
+def _lut(norm: PixelNorm) -> np.ndarray:
+    """The 256-entry table of ``norm``: every uint8 value through its exact float ops."""
     values = np.arange(256, dtype=np.uint8)
-    if family == "4.6":
+    if norm.rescale_in_float64:
         x = (values.astype(np.float64) * (1 / 255)).astype(np.float32)
-    elif family == "2.6":
-        x = values.astype(np.float32) / np.float32(255)
     else:
-        raise ValueError(f"unknown model family {family!r}; expected '4.6' or '2.6'")
-    half = np.float32(0.5)
-    return ((x - half) / half).astype(np.float32)
+        x = values.astype(np.float32) / np.float32(255)
+    mean, std = np.float32(norm.mean), np.float32(norm.std)
+    return ((x - mean) / std).astype(np.float32)
 
 
-_LUTS = {family: _lut(family) for family in ("4.6", "2.6")}
-
-
-def normalise(rgb: np.ndarray, family: str = "4.6") -> np.ndarray:
+def normalise(rgb: np.ndarray, family: Family = NATIVE_46) -> np.ndarray:
     """``[H, W, 3]`` uint8 -> ``[H, W, 3]`` float32, normalised as ``family``'s processor."""
     if rgb.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {rgb.dtype}")
-    return _LUTS[family][rgb]
+    return _lut(family.pixels)[rgb]
 
 
 def reshape_by_patch(hwc: np.ndarray, patch: int = PATCH_SIZE) -> torch.Tensor:
@@ -108,7 +107,7 @@ def decode_rgb(data: bytes, key: str, member: str, size: tuple[int, int]) -> np.
 
 
 def sample_pixels(
-    meta: SampleMeta, members: Mapping[str, bytes], family: str = "4.6"
+    meta: SampleMeta, members: Mapping[str, bytes], family: Family = NATIVE_46
 ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     """Every (sub)image of ``meta`` in vision order, and its patch grid.
 

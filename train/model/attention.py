@@ -192,7 +192,28 @@ def varlen_sdpa(
     def tokens(t: torch.Tensor) -> torch.Tensor:  # [T, H, D] in plan order
         return t[0].transpose(0, 1).index_select(0, plan.order)
 
-    q, k, v = tokens(query), tokens(key), tokens(value)
+    outs = _attend_in_calls(
+        plan, tokens(query), tokens(key), tokens(value), dropout, scaling, is_causal
+    )
+    if not outs:
+        return value.new_zeros((1, total, heads, value.shape[-1])), None
+    ordered = outs[0] if len(outs) == 1 else torch.cat(outs)
+    # index_put_ saves only the index for backward (index_copy_ would also keep the values).
+    out = ordered.new_empty(ordered.shape).index_put_((plan.order,), ordered)
+    return out.unsqueeze(0), None
+
+
+def _attend_in_calls(
+    plan: VarlenPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool,
+) -> list[torch.Tensor]:
+    """One SDPA call per ``(length, count)`` of the plan over the tokens ``[T, H, D]`` in plan
+    order; each output ``[length * count, H, Dv]``."""
     outs = []
     offset = 0
     for length, count in plan.calls:
@@ -202,21 +223,11 @@ def varlen_sdpa(
             return t[a:b].unflatten(0, (n, -1)).transpose(1, 2)  # [n, H, L, D]
 
         attended = F.scaled_dot_product_attention(
-            batch(q),
-            batch(k),
-            batch(v),
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=is_causal,
+            batch(q), batch(k), batch(v), dropout_p=dropout, scale=scaling, is_causal=is_causal
         )  # [n, H, L, Dv]
-        outs.append(attended.transpose(1, 2).reshape(end - offset, heads, -1))
+        outs.append(attended.transpose(1, 2).reshape(end - offset, q.shape[1], -1))
         offset = end
-    if not outs:
-        return value.new_zeros((1, total, heads, value.shape[-1])), None
-    ordered = outs[0] if len(outs) == 1 else torch.cat(outs)
-    # index_put_ saves only the index for backward (index_copy_ would also keep the values).
-    out = ordered.new_empty(ordered.shape).index_put_((plan.order,), ordered)
-    return out.unsqueeze(0), None
+    return outs
 
 
 def register() -> None:

@@ -7,7 +7,7 @@ options); no image is opened. Per rank and epoch:
 2. rank ``r`` takes shards ``r::world_size`` of that order;
 3. its samples in shard order (dataset order within a shard);
 4. a bounded seeded shuffle buffer of ``shuffle_buffer`` samples;
-5. the streaming 2-D bucketer (:mod:`mvtrain.bucketer`), edges from the whole index;
+5. the streaming 2-D bucketer (:mod:`mvtrain.batching.bucketer`), edges from the whole index;
 6. the end-of-stream batches (the buckets' leftovers, repacked longest first) scattered to
    seeded random places, then the batch order shuffled in consecutive windows of
    ``batch_shuffle_window`` batches (seeded), so neighbouring batches are not sorted by
@@ -26,133 +26,22 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from mvshards.cost import CostModel
+from mvshards.families import NATIVE_46
 from mvshards.index import DatasetIndex
-from mvshards.schema import SampleMeta
-from mvtrain.bucketer import (
-    Batch,
-    BucketEdges,
-    Budgets,
-    CostModel,
-    Oversize,
-    SampleCost,
-    StreamingBucketer,
-    bucket_edges,
-)
-
-SliceTable = Mapping[str, tuple[int, int]]
-"""``key -> (slices, max_patches_per_slice)``; needed for image samples under the 2.6 cost."""
+from mvtrain.batching.bucketer import Batch, Oversize, StreamingBucketer
+from mvtrain.batching.buckets import BucketEdges, bucket_edges
+from mvtrain.batching.plan_index import PlanIndex, SliceTable
+from mvtrain.budgets import Budgets
 
 _SHARDS, _BUFFER, _BATCHES, _SCATTER = 1, 2, 3, 4
 """Purpose tags mixed into the seeds so each random stream is independent."""
-
-
-def slice_costs(meta: SampleMeta) -> tuple[int, int]:
-    """``(slices, max_patches_per_slice)`` of a sample: every source and slice of every image."""
-    grids = [t for image in meta.images for t in image.layout.tgt_sizes]
-    return len(grids), max((r * c for r, c in grids), default=0)
-
-
-@dataclass(frozen=True)
-class PlanIndex:
-    """What planning reads: per-sample arrays in dataset order (index rows + slice table)."""
-
-    keys: np.ndarray
-    shard_ids: np.ndarray
-    num_shards: int
-    tokens: np.ndarray
-    patches: np.ndarray
-    slices: np.ndarray
-    """Sources + slices per sample (0 when unknown or text-only)."""
-    max_patches_per_slice: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @classmethod
-    def from_arrays(
-        cls,
-        keys: Sequence[str] | np.ndarray,
-        shard_ids: Sequence[int] | np.ndarray,
-        tokens: Sequence[int] | np.ndarray,
-        patches: Sequence[int] | np.ndarray,
-        num_shards: int | None = None,
-        slice_table: SliceTable | None = None,
-    ) -> PlanIndex:
-        """Build from parallel arrays; ``slice_table`` fills slices for the 2.6 cost."""
-        keys_arr = np.asarray(keys, dtype=str)
-        ids = np.asarray(shard_ids, dtype=np.int64)
-        n = len(keys_arr)
-        if not (len(ids) == len(tokens) == len(patches) == n):
-            raise ValueError("keys, shard_ids, tokens and patches must have the same length")
-        if num_shards is None:
-            num_shards = int(ids.max()) + 1 if n else 0
-        if n and (ids.min() < 0 or ids.max() >= num_shards):
-            raise ValueError(
-                f"shard ids must lie in [0, {num_shards}), got {ids.min()}..{ids.max()}"
-            )
-        slices = np.zeros(n, dtype=np.int64)
-        mpps = np.zeros(n, dtype=np.int64)
-        if slice_table is not None:
-            for i, key in enumerate(keys_arr.tolist()):
-                entry = slice_table.get(key)
-                if entry is not None:
-                    slices[i], mpps[i] = entry
-        return cls(
-            keys=keys_arr,
-            shard_ids=ids,
-            num_shards=num_shards,
-            tokens=np.asarray(tokens, dtype=np.int64),
-            patches=np.asarray(patches, dtype=np.int64),
-            slices=slices,
-            max_patches_per_slice=mpps,
-        )
-
-    @classmethod
-    def from_index(cls, index: DatasetIndex, slice_table: SliceTable | None = None) -> PlanIndex:
-        """From a loaded dataset index (``mvshards.index.load_index``)."""
-        return cls.from_arrays(
-            index.keys,
-            index.shard_ids,
-            index.num_tokens,
-            index.num_patches,
-            num_shards=len(index.shards),
-            slice_table=slice_table,
-        )
-
-    def check(self, cost_model: CostModel) -> None:
-        """Raise ValueError when the 2.6 cost lacks (or contradicts) an image sample's slices."""
-        if cost_model.family != "2.6":
-            return
-        images = self.patches > 0
-        missing = np.flatnonzero(images & (self.slices <= 0))
-        if len(missing):
-            raise ValueError(
-                f"sample {self.keys[missing[0]]} (and {len(missing) - 1} more) has patches but no "
-                "slice entry: the 2.6 cost model needs a slice table key -> (slices, "
-                "max_patches_per_slice), built with mvtrain.plan.slice_costs(SampleMeta)"
-            )
-        bad = np.flatnonzero(self.slices * self.max_patches_per_slice < self.patches)
-        if len(bad):
-            raise ValueError(
-                f"sample {self.keys[bad[0]]}: slices * max_patches_per_slice < its "
-                f"{self.patches[bad[0]]} patches: the slice table does not belong to this index; "
-                "rebuild it from the samples' JSON"
-            )
-
-    def sample(self, i: int) -> SampleCost:
-        return SampleCost(
-            str(self.keys[i]),
-            int(self.tokens[i]),
-            int(self.patches[i]),
-            int(self.slices[i]),
-            int(self.max_patches_per_slice[i]),
-        )
 
 
 @dataclass(frozen=True)
@@ -248,6 +137,18 @@ def plan_edges(index: PlanIndex, num_buckets: int = 64, patch_rows: int = 0) -> 
     return bucket_edges(index.tokens, index.patches, num_buckets, patch_rows)
 
 
+def _rank_stream(
+    index: PlanIndex, seed: int, epoch: int, rank: int, world_size: int
+) -> tuple[list[int], list[int]]:
+    """``(shards, samples)`` of ``rank``: shards ``rank::world_size`` of the epoch's seeded
+    shard order, and their samples in shard order (dataset order within a shard)."""
+    shard_order = _rng(seed, epoch, _SHARDS).permutation(index.num_shards)
+    mine = [int(s) for s in shard_order[rank::world_size]]
+    by_shard = np.argsort(index.shard_ids, kind="stable")
+    bounds = np.searchsorted(index.shard_ids[by_shard], np.arange(index.num_shards + 1))
+    return mine, [int(i) for s in mine for i in by_shard[bounds[s] : bounds[s + 1]]]
+
+
 def epoch_plan(
     index: PlanIndex | DatasetIndex,
     seed: int,
@@ -255,7 +156,7 @@ def epoch_plan(
     rank: int,
     world_size: int,
     budgets: Budgets,
-    cost_model: CostModel | str = "4.6",
+    cost_model: CostModel | str = NATIVE_46.cost,
     shuffle_buffer: int = 1000,
     num_buckets: int = 64,
     batch_shuffle_window: int = 64,
@@ -282,12 +183,7 @@ def epoch_plan(
     if edges is None:
         edges = plan_edges(pindex, num_buckets, patch_rows)
 
-    shard_order = _rng(seed, epoch, _SHARDS).permutation(pindex.num_shards)
-    mine = [int(s) for s in shard_order[rank::world_size]]
-    by_shard = np.argsort(pindex.shard_ids, kind="stable")
-    bounds = np.searchsorted(pindex.shard_ids[by_shard], np.arange(pindex.num_shards + 1))
-    stream = [int(i) for s in mine for i in by_shard[bounds[s] : bounds[s + 1]]]
-
+    mine, stream = _rank_stream(pindex, seed, epoch, rank, world_size)
     order = buffer_shuffle(stream, shuffle_buffer, _rng(seed, epoch, _BUFFER, rank))
     bucketer = StreamingBucketer(budgets, model, edges, max_buffered)
     batches = bucketer.add_all(pindex.sample(i) for i in order)
@@ -319,7 +215,7 @@ def all_rank_plans(
     epoch: int,
     world_size: int,
     budgets: Budgets,
-    cost_model: CostModel | str = "4.6",
+    cost_model: CostModel | str = NATIVE_46.cost,
     shuffle_buffer: int = 1000,
     num_buckets: int = 64,
     batch_shuffle_window: int = 64,
@@ -434,7 +330,7 @@ def plan_report(plans: Sequence[RankPlan]) -> dict[str, Any]:
         {
             "ranks": len(plans),
             "budgets": {"tokens": budgets.tokens, "patches": budgets.patches},
-            "cost_model": plans[0].cost_model.family,
+            "cost_model": plans[0].cost_model.name,
             "micro_batches_per_rank": [len(p) for p in plans],
             "fillers": sum(1 for p in plans for b in p.batches if b.is_filler),
             "closed_by": dict(sorted(Counter(b.reason for b in real).items())),

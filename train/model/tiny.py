@@ -131,7 +131,8 @@ def build_tiny_model(seed: int = 0, tokenizer_dir: Path | str | None = None) -> 
 def save_tiny(out_dir: Path | str, seed: int = 0) -> Path:
     """Write the tiny model and its tokenizer to ``out_dir`` as a local Hugging Face folder.
 
-    ``mvtrain.models.load_model(out_dir, ...)`` (or ``AutoModelForImageTextToText``) loads it.
+    ``mvtrain.model.loading.load_model(out_dir, ...)`` (or ``AutoModelForImageTextToText``)
+    loads it.
     Returns ``out_dir``.
     """
     out_dir = Path(out_dir)

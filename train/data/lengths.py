@@ -1,16 +1,20 @@
-"""Exact per-sample token lengths (and 2.6 slice costs) for planning, without pixels.
+"""Exact per-sample token lengths (and slice costs) for planning, without pixels.
 
 The index holds exact token counts only when ``mvprep build`` ran with the same tokenizer
 the trainer uses. Otherwise the trainer recounts once: it reads only the JSON member of
 every sample (images are skipped by seeking past them), tokenizes the text exactly as the
 training stream will, and caches the result in the run's output folder, keyed by the
 shards' hashes and the tokenizer's fingerprint.
+
+The slice costs (what the 2.6 family's cost model reads) come from the index's per-image
+table; an index built before the table existed has them recomputed from the same JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
@@ -20,15 +24,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mvshards.cost import SampleCost
 from mvshards.index import DatasetIndex
+from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
-from mvtrain.plan import slice_costs
-from mvtrain.tokenize import tokenize_sample
+from mvtrain.data.tokenize import tokenize_sample
+
+log = logging.getLogger("mvtrain")
 
 
 @dataclass
 class ExactLengths:
-    """Per index row: exact token count, and for the 2.6 cost model the slice table."""
+    """Per index row: exact token count, and the slice table (``key -> (slices,
+    max_patches_per_slice)``, every sample) that a cost model padding (sub)images reads."""
 
     tokens: np.ndarray
     slices: dict[str, tuple[int, int]]
@@ -77,7 +85,7 @@ def exact_lengths(
             )
     position = {key: i for i, key in enumerate(index.keys)}
     tokens = np.asarray(index.num_tokens, dtype=np.int64).copy()
-    slices: dict[str, tuple[int, int]] = {}
+    slices = _index_slices(index, profile_name)
     mismatches = 0
     for shard in tqdm(index.shard_paths(), desc="exact lengths", disable=not progress):
         for obj in iter_sample_json(shard):
@@ -87,7 +95,9 @@ def exact_lengths(
             if meta.token_count_exact and exact != tokens[i]:
                 mismatches += 1
             tokens[i] = exact
-            slices[meta.key] = slice_costs(meta)
+            if meta.key not in slices:
+                cost = SampleCost.from_meta(meta)
+                slices[meta.key] = (cost.slices, cost.max_patches_per_slice)
     result = ExactLengths(tokens, slices, recounted=True, mismatches=mismatches)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -100,3 +110,21 @@ def exact_lengths(
         )
         tmp.replace(cache)
     return result
+
+
+def _index_slices(index: DatasetIndex, profile_name: str) -> dict[str, tuple[int, int]]:
+    """The slice table from the index's per-image table; empty (the caller fills it from the
+    samples' JSON) when the index has none, logged when the profile's cost reads it."""
+    columns = index.slice_costs()
+    if columns is None:
+        cost = get_profile(profile_name).family.cost
+        if cost.pads_subimages:
+            log.info(
+                "%s: the index has no per-image table (%d entries built by an older mvprep); "
+                "the %s-family slice costs are read from the samples' JSON",
+                index.out,
+                len(index.missing_image_table),
+                cost.name,
+            )
+        return {}
+    return {str(k): (int(a), int(b)) for k, a, b in zip(index.keys.tolist(), *columns, strict=True)}

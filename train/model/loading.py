@@ -1,13 +1,16 @@
 """Load a real model from a local folder: native MiniCPM-V 4.6/4.7, or the 2.6 family.
 
-Families (decided from ``config.json`` alone, see :func:`detect_family`):
+Families (:mod:`mvshards.families`, decided from ``config.json`` alone, see
+:func:`detect_family`):
 
-* ``"4.6"`` -- MiniCPM-V 4.6 / 4.7, native in transformers (``model_type`` ``minicpmv4_6`` or
-  ``minicpmv4_7``): loaded with ``AutoModelForImageTextToText``; no remote code.
-* ``"2.6"`` -- MiniCPM-V 2.6, MiniCPM-o 2.6, MiniCPM-V 4.0 / 4.5 (``model_type`` ``minicpmv``
-  or ``minicpmo``, or an ``auto_map`` naming MiniCPM code): their modelling code ships
-  with the checkpoint, so loading needs ``trust_remote_code`` (``--trust-remote-code``);
-  loaded with ``AutoModel`` as the official fine-tuning script does.
+* :data:`~mvshards.families.NATIVE_46` -- MiniCPM-V 4.6 / 4.7, native in transformers
+  (``model_type`` ``minicpmv4_6`` or ``minicpmv4_7``): loaded with
+  ``AutoModelForImageTextToText``; no remote code.
+* :data:`~mvshards.families.REMOTE_26` -- MiniCPM-V 2.6, MiniCPM-o 2.6, MiniCPM-V 4.0 / 4.5
+  (``model_type`` ``minicpmv`` or ``minicpmo``, or an ``auto_map`` naming MiniCPM code):
+  their modelling code ships with the checkpoint, so loading needs ``trust_remote_code``
+  (``--trust-remote-code``); loaded with ``AutoModel`` as the official fine-tuning script
+  does.
 
 Nothing is downloaded: ``path`` must be a local folder.
 """
@@ -17,9 +20,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Family = Literal["4.6", "2.6"]
+from mvshards.families import NATIVE_46, REMOTE_26, Family
 
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")
 REMOTE_MODEL_TYPES = ("minicpmv", "minicpmo")
@@ -47,11 +50,12 @@ def read_config(path: Path | str) -> dict[str, Any]:
 
 
 def detect_family(path: Path | str) -> Family:
-    """``"4.6"`` (native classes) or ``"2.6"`` (remote code) from the folder's config.json."""
+    """The family of a local model folder, from its config.json: native classes
+    (:data:`~mvshards.families.NATIVE_46`) or remote code (:data:`~mvshards.families.REMOTE_26`)."""
     config = read_config(path)
     model_type = str(config.get("model_type", ""))
     if model_type in NATIVE_MODEL_TYPES:
-        return "4.6"
+        return NATIVE_46
     auto_map = config.get("auto_map") or {}
     if model_type in REMOTE_MODEL_TYPES or any(
         "minicpm" in str(v).lower() for v in auto_map.values()
@@ -63,7 +67,7 @@ def detect_family(path: Path | str) -> Family:
                 "queries per image: MiniCPM-V 2.6, MiniCPM-o 2.6, 4.0, 4.5) is supported, "
                 "not MiniCPM-V 2.0 / Llama3-V 2.5"
             )
-        return "2.6"
+        return REMOTE_26
     raise ModelLoadError(
         f"{path}: config.json has model_type {model_type!r}, not a MiniCPM-V model this "
         f"trainer knows (native: {', '.join(NATIVE_MODEL_TYPES)}; remote code: "
@@ -120,7 +124,7 @@ def load_model(
     folder = Path(path)
     family = detect_family(folder)
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
-    if family == "4.6":
+    if not family.remote_code:
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)

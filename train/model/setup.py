@@ -7,26 +7,23 @@ from typing import Any
 
 from torch import nn
 
-from mvtrain.attention import use_batched_varlen_attention
+from mvshards.families import NATIVE_46, Family
+from mvtrain.model.attention import use_batched_varlen_attention
+from mvtrain.model.lora import LORA_TARGETS
 from mvtrain.precision import cast_parameters, torch_dtype
 from mvtrain.run_config import RunConfig
-
-LORA_TARGETS = (
-    r".*(language_model|llm)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-)
-"""The LLM's projections: ``model.language_model.*`` (4.6 native), ``llm.model.*`` (2.6)."""
 
 
 @dataclass
 class ModelBundle:
     model: nn.Module
     tokenizer: Any
-    family: str
+    family: Family
 
 
 def load_tokenizer_only(config: RunConfig) -> Any:
     if config.model == "tiny":
-        from mvtrain.tiny import load_tiny_tokenizer
+        from mvtrain.model.tiny import load_tiny_tokenizer
 
         return load_tiny_tokenizer()
     from transformers import AutoTokenizer
@@ -55,17 +52,17 @@ def build_model(config: RunConfig, weights: str | None = None) -> ModelBundle:
     """
     dtype = torch_dtype(weights or config.dtype)
     if config.model == "tiny":
-        from mvtrain.tiny import build_tiny_model
+        from mvtrain.model.tiny import build_tiny_model
 
         model, tokenizer = build_tiny_model(seed=config.seed)
-        family = "4.6"
+        family = NATIVE_46
     else:
-        from mvtrain.models import load_model
+        from mvtrain.model.loading import load_model
 
         model, tokenizer, family = load_model(
             config.model, trust_remote_code=config.trust_remote_code, dtype=dtype
         )
-    if family == "4.6":
+    if family.navit_packing:
         use_batched_varlen_attention(model)
     if config.freeze_vision:
         for module in vision_modules(model):

@@ -1,0 +1,35 @@
+"""One sample ready to collate: its metadata, its tokens and labels, its pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mvshards.profiles import get_profile
+from mvshards.schema import SampleMeta
+from mvtrain.data.pixels import sample_pixels
+from mvtrain.data.tokenize import TokenizedSample, tokenize_sample
+
+
+@dataclass
+class LoadedSample:
+    """One sample ready to collate: its metadata, tokens and pixels."""
+
+    meta: SampleMeta
+    tokenized: TokenizedSample
+    pixel_values: list[torch.Tensor]
+    """Per (sub)image, in vision order: ``[3, 14, H*W/14]`` float32."""
+    tgt_sizes: list[tuple[int, int]]
+    """Per (sub)image: patch grid ``(H/14, W/14)``."""
+
+
+def load_sample(
+    meta: SampleMeta, members: Mapping[str, bytes], tokenizer: Any, profile_name: str
+) -> LoadedSample:
+    """Tokenize ``meta`` and decode its images from ``members`` (``{ext: bytes}``)."""
+    tokenized = tokenize_sample(meta, tokenizer, profile_name)
+    pixel_values, tgt_sizes = sample_pixels(meta, members, get_profile(profile_name).family)
+    return LoadedSample(meta, tokenized, pixel_values, tgt_sizes)

@@ -1,0 +1,259 @@
+"""Setting up one ``mvtrain run``: everything the training steps need, in a :class:`Session`.
+
+:func:`setup` starts the process group, loads the model (refusing shards of another family),
+fills ``auto`` budgets from the memory plan, counts exact token lengths (rank 0, cached),
+plans the epochs, builds the engine, resumes from the newest checkpoint and writes
+``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mvshards.cost import CostModel
+from mvshards.index import load_index
+from mvshards.profiles import get_profile
+from mvshards.units import GiB
+from mvtrain.batching.epochs import EpochPlans, plan_epochs, plan_index
+from mvtrain.checkpoint import TrainState, load_checkpoint, newest_checkpoint
+from mvtrain.data.lengths import exact_lengths
+from mvtrain.data.loader import default_loader_workers
+from mvtrain.distributed import DistInfo, barrier, device_for, dist_info, ensure_alloc_conf
+from mvtrain.engine import (
+    Engine,
+    deepspeed_available,
+    init_process_group,
+    load_user_config,
+    make_engine,
+)
+from mvtrain.faults import Faults
+from mvtrain.model.adapters import Adapter, adapter_for
+from mvtrain.model.setup import build_model, load_tokenizer_only, parameter_counts
+from mvtrain.precision import Precision, engine_precision
+from mvtrain.run_config import RunConfig
+
+log = logging.getLogger("mvtrain")
+
+
+@dataclass
+class Session:
+    """What setup hands to the training steps."""
+
+    config: RunConfig
+    info: DistInfo
+    device: torch.device
+    output: Path
+    faults: Faults
+    tokenizer: Any
+    profile: str
+    adapter: Adapter
+    epochs: EpochPlans
+    shard_paths: list[Path]
+    key_shard: dict[str, int]
+    engine: Engine | None
+    state: TrainState
+    workers: int
+
+
+def setup(config: RunConfig) -> Session:
+    """Process group, model, exact lengths, the epochs' plans, engine, resume, run.json."""
+    config.validate()
+    alloc_conf = ensure_alloc_conf()
+    info = dist_info()
+    faults = Faults.from_env()
+    use_ds = deepspeed_available() if config.use_deepspeed is None else config.use_deepspeed
+    if use_ds and not deepspeed_available():
+        raise RuntimeError("DeepSpeed is not installed: pip install 'mvkit[train]' or drop --zero")
+    precision = engine_precision(config.dtype, use_ds)
+    if not config.dry_run:
+        init_process_group(info, use_ds, config.dist_timeout_minutes)
+    elif info.world_size > 1:
+        init_process_group(info, use_deepspeed=False, timeout_minutes=config.dist_timeout_minutes)
+    torch.manual_seed(config.seed)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = device_for(info)
+
+    index = load_index(Path(config.shards))
+    profile = index.params["profile"]
+    bundle, tokenizer = _load_model(config, profile, precision)
+    planned_peak = None
+    if config.token_budget is None or config.patch_budget is None:
+        config, planned_peak = _auto_budgets(config, info, use_ds)
+    lengths = _exact_lengths(config, index, tokenizer, profile, info, faults)
+    epochs = plan_epochs(config, plan_index(index, lengths), info, CostModel.for_profile(profile))
+    engine, state = _engine_and_state(config, bundle, info, device, use_ds, precision, epochs)
+    session = Session(
+        config=config,
+        info=info,
+        device=device,
+        output=output,
+        faults=faults,
+        tokenizer=tokenizer,
+        profile=profile,
+        adapter=adapter_for(profile, tokenizer),
+        epochs=epochs,
+        shard_paths=index.shard_paths(),
+        key_shard={k: int(s) for k, s in zip(index.keys, index.shard_ids, strict=True)},
+        engine=engine,
+        state=state,
+        workers=_loader_workers(config, device),
+    )
+    if info.is_main:
+        run_record = {
+            "precision": precision.as_dict(),
+            "cuda_alloc_conf": alloc_conf,
+            "params": parameter_counts(bundle.model) if bundle else None,
+            "exact_length_recount": lengths.recounted,
+            "predicted_peak_bytes": planned_peak,
+        }
+        _write_run_json(session, run_record)
+    return session
+
+
+def _load_model(config: RunConfig, profile: str, precision: Precision) -> tuple[Any, Any]:
+    """``(bundle, tokenizer)``; no model for a dry run. Refuses shards of another family."""
+    bundle = None if config.dry_run else build_model(config, precision.weights)
+    tokenizer = bundle.tokenizer if bundle else load_tokenizer_only(config)
+    family = bundle.family if bundle else get_profile(profile).family
+    if family is not get_profile(profile).family:
+        raise ValueError(
+            f"the shards were built with --profile {profile} but the model is a MiniCPM-V "
+            f"{family}-family model: rebuild with the matching --profile"
+        )
+    return bundle, tokenizer
+
+
+def _exact_lengths(
+    config: RunConfig, index: Any, tokenizer: Any, profile: str, info: DistInfo, faults: Faults
+) -> Any:
+    """Every sample's exact token count: rank 0 recounts and caches, the others then read
+    the cache."""
+    cache = Path(config.output) / "cache"
+    if info.is_main:
+        lengths = exact_lengths(index, tokenizer, profile, cache, progress=config.progress)
+        faults.after_recount()
+    barrier()
+    if not info.is_main:
+        lengths = exact_lengths(index, tokenizer, profile, cache)
+    if lengths.mismatches and info.is_main:
+        log.warning(
+            "%d samples' exact token counts differ from the index (built with another "
+            "tokenizer or template?); planning uses the exact counts",
+            lengths.mismatches,
+        )
+    return lengths
+
+
+def _engine_and_state(
+    config: RunConfig,
+    bundle: Any,
+    info: DistInfo,
+    device: torch.device,
+    use_ds: bool,
+    precision: Precision,
+    epochs: EpochPlans,
+) -> tuple[Engine | None, TrainState]:
+    """The engine around the model (None for a dry run) and the state to start from: the
+    newest checkpoint's when resuming."""
+    state = TrainState(step=0, budgets=config.budgets)
+    if bundle is None:
+        return None, state
+    bundle.model.to(device)
+    engine = make_engine(
+        bundle.model,
+        info,
+        use_deepspeed=use_ds,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        total_steps=sum(epochs.steps),
+        grad_accum=config.grad_accum,
+        zero_stage=config.zero_stage,
+        dtype=precision.dtype,
+        user_config=load_user_config(config.deepspeed_config),
+    )
+    if config.resume:
+        found = newest_checkpoint(Path(config.output))
+        if found is not None:
+            state = load_checkpoint(Path(config.output), found[1], engine, info)
+    return engine, state
+
+
+def _loader_workers(config: RunConfig, device: torch.device) -> int:
+    if config.loader_workers is not None:
+        return config.loader_workers
+    return default_loader_workers(device.type == "cuda")
+
+
+def _write_run_json(session: Session, extra: dict[str, Any]) -> None:
+    config, engine = session.config, session.engine
+    record = {
+        "config": {k: str(v) for k, v in vars(config).items()},
+        "world_size": session.info.world_size,
+        "engine": engine.name if engine else "dry-run",
+        "precision": extra["precision"],
+        "loader_workers": session.workers,
+        "cuda_alloc_conf": extra["cuda_alloc_conf"],
+        "params": extra["params"],
+        "steps_per_epoch": session.epochs.steps,
+        "plan": {str(e): r for e, r in session.epochs.report.items()},
+        "exact_length_recount": extra["exact_length_recount"],
+        "budgets": {"tokens": config.token_budget, "patches": config.patch_budget},
+        "predicted_peak_bytes": extra["predicted_peak_bytes"],
+    }
+    (session.output / "run.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def _auto_budgets(config: RunConfig, info: DistInfo, use_deepspeed: bool) -> tuple[RunConfig, int]:
+    """Fill 'auto' budgets from the memory plan of this run's engine and precision (``auto``
+    resolved on this machine); every rank computes the same numbers."""
+    from mvtrain.memory.plan import PlanRequest, make_plan
+    from mvtrain.precision import resolve_dtype
+
+    gpu_mem = config.gpu_mem
+    if gpu_mem is None:
+        if not torch.cuda.is_available():
+            raise ValueError("'auto' budgets on a machine without CUDA need --gpu-mem (e.g. 8GiB)")
+        gpu_mem = torch.cuda.get_device_properties(info.local_rank).total_memory
+    fit = make_plan(
+        PlanRequest(
+            shards=Path(config.shards),
+            model=config.model,
+            gpus=info.world_size,
+            gpu_mem=gpu_mem,
+            zero_stage=config.zero_stage,
+            lora=config.lora,
+            lora_rank=config.lora_rank,
+            freeze_vision=config.freeze_vision,
+            grad_ckpt=config.grad_ckpt,
+            dtype=resolve_dtype(config.dtype),
+            target=config.target,
+            grad_accum=config.grad_accum,
+            probe=config.probe,
+            engine="deepspeed" if use_deepspeed else "torch",
+        )
+    ).fit
+    budgets = fit.budgets
+    if budgets is None:
+        raise ValueError(f"'auto' budgets: nothing fits ({fit.shortfall}); see `mvtrain plan`")
+    config = replace(
+        config,
+        token_budget=config.token_budget or budgets.token_budget,
+        patch_budget=config.patch_budget or budgets.patch_budget,
+    )
+    if info.is_main:
+        log.warning(
+            "auto budgets: %d tokens, %d patches (predicted peak %.2f GiB of %.1f GiB)",
+            config.token_budget,
+            config.patch_budget,
+            budgets.predicted_peak / GiB,
+            gpu_mem / GiB,
+        )
+    return config, int(budgets.predicted_peak)
