@@ -18,6 +18,7 @@ from mvtrain.batching.schedule import (
     equal_step_plans,
     plan_report,
 )
+from mvtrain.budgets import Budgets
 from mvtrain.distributed import DistInfo
 from mvtrain.run_config import RunConfig
 
@@ -57,6 +58,8 @@ def plan_epochs(
             shuffle_buffer=config.shuffle_buffer,
         )
         n, padded = equal_step_plans(rank_plans, config.grad_accum)
+        if n == 0:  # every epoch plans the same samples under the same budgets
+            raise EmptyPlanError(nothing_to_train(index, rank_plans, budgets))
         steps.append(n)
         plans[epoch] = padded[info.rank]
         reports[epoch] = plan_report(rank_plans)
@@ -69,6 +72,32 @@ def plan_epochs(
             total -= trimmed[-1]
         steps = trimmed
     return EpochPlans(steps, plans, reports)
+
+
+class EmptyPlanError(ValueError):
+    """The plan has no micro-batch: nothing to train (the message says why and the fix)."""
+
+
+def nothing_to_train(index: PlanIndex, plans: list[RankPlan], budgets: Budgets) -> str:
+    """Why an epoch holds no micro-batch: how many samples, how many over which budget, the
+    largest sample, and the fix."""
+    if len(index) == 0:
+        return (
+            "nothing to train: the index has no samples (the build rejected every record?); "
+            "see rejects.jsonl next to the shards and rebuild"
+        )
+    over = [o for p in plans for o in p.oversize]
+    over_tokens = sum(1 for o in over if o.padded_tokens > budgets.tokens)
+    over_patches = sum(1 for o in over if o.padded_patches > budgets.patches)
+    top_tokens = max(o.padded_tokens for o in over) if over else int(index.tokens.max())
+    top_patches = max(o.padded_patches for o in over) if over else int(index.patches.max())
+    return (
+        f"nothing to train: {len(over)} of {len(index)} samples are over the budgets "
+        f"({over_tokens} over --token-budget {budgets.tokens}, {over_patches} over "
+        f"--patch-budget {budgets.patches}); the longest alone pads to {top_tokens} tokens, the "
+        f"largest to {top_patches} patches: raise the budgets to at least those (see "
+        "`mvprep stats` or `mvtrain plan`), or rebuild with a lower --max-res"
+    )
 
 
 def plan_index(index: Any, lengths: Any) -> PlanIndex:
