@@ -142,6 +142,7 @@ def _train_step(
     started = time.perf_counter()
     reporter.efficiency_add(window)
     loss = None
+    lr = engine.current_lr() if engine is not None else None  # the rate this step uses
     if engine is None:
         reporter.dry_window(info.rank, state.step, window)
         tokens = all_reduce_sum(sum(b.real_tokens for b in window if b.weight), session.device)
@@ -156,7 +157,6 @@ def _train_step(
         result.length_mismatches += len(batch.length_mismatches)
     if loss is not None:
         result.losses[state.step] = loss
-    lr = engine.current_lr() if engine is not None else None
     reporter.step_done(state.step, epoch, loss, tokens, elapsed, lr)
     every = session.config.save_every
     if engine is not None and every and state.step % every == 0:

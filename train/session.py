@@ -181,8 +181,12 @@ def _engine_and_state(
     )
     if config.resume:
         found = newest_checkpoint(Path(config.output))
-        if found is not None:
-            state = load_checkpoint(Path(config.output), found[1], engine, info)
+        if found is None:
+            raise ValueError(
+                f"--resume: {config.output} has no complete checkpoint to resume from; drop "
+                "--resume to start a new run"
+            )
+        state = load_checkpoint(Path(config.output), found[1], engine, info)
     return engine, state
 
 
