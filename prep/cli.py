@@ -24,7 +24,13 @@ def main() -> None:
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
 )
-@click.option("--profile", default=DEFAULT_PROFILE, type=PROFILE_CHOICE, show_default=True)
+@click.option(
+    "--profile",
+    default=DEFAULT_PROFILE,
+    type=PROFILE_CHOICE,
+    show_default=True,
+    help="The model family's image arithmetic the shards are built for.",
+)
 @click.option(
     "--max-res",
     type=int,
@@ -38,13 +44,16 @@ def main() -> None:
     help="Slice cap given directly (instead of --max-res).",
 )
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes.")
-@click.option("--samples-per-shard", type=int, default=1000, show_default=True)
+@click.option(
+    "--samples-per-shard", type=int, default=1000, show_default=True, help="Samples per tar shard."
+)
 @click.option(
     "--format",
     "image_format",
     type=click.Choice(["jpeg", "png", "webp"]),
     default="jpeg",
     show_default=True,
+    help="Encoding of the stored images.",
 )
 @click.option("--quality", type=int, default=95, show_default=True, help="JPEG quality.")
 @click.option(
@@ -198,9 +207,20 @@ def merge_command(out_dir: Path, verify_hashes: bool) -> None:
 @main.command("layout")
 @click.argument("width", type=str)
 @click.argument("height", type=int, required=False)
-@click.option("--profile", default=DEFAULT_PROFILE, type=PROFILE_CHOICE, show_default=True)
+@click.option(
+    "--profile",
+    default=DEFAULT_PROFILE,
+    type=PROFILE_CHOICE,
+    show_default=True,
+    help="The model family's image arithmetic the shards are built for.",
+)
 @click.option("--max-res", type=int, default=None, help="Default 1344 (9 slices).")
-@click.option("--max-slice-nums", type=int, default=None)
+@click.option(
+    "--max-slice-nums",
+    type=int,
+    default=None,
+    help="Most slices per image (default: the profile's for --max-res).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per size.")
 def layout_command(
     width: str,

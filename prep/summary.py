@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 
 from mvprep.build import BuildResult
+from mvshards.index import REJECTS_FILE
 
 
 def _percentiles(values: list[int]) -> str:
@@ -55,6 +56,8 @@ def format_summary(result: BuildResult) -> str:
     ]
     for reason, count in s["rejects_by_reason"].items():  # type: ignore[union-attr]
         lines.append((f"  {reason}", f"{count}"))
+    if s["rejects"]:
+        lines.append(("  each one, with its record", str(result.out_dir / REJECTS_FILE)))
     lines += [
         ("shards", f"{s['shards']} ({s['units_built']} built, {s['units_skipped']} already done)"),
         ("written", f"{s['gb_written']:.3f} GB"),

@@ -218,5 +218,6 @@ def test_cli_build_prints_a_summary(dataset: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for label in ("records", "samples", "rejects", "shards", "written", "images/s", "p50"):
         assert label in proc.stdout
+    assert f"each one, with its record  {out / 'rejects.jsonl'}" in proc.stdout  # set has rejects
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["max_slice_nums"] == 4

@@ -101,10 +101,18 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
 
 @main.command("run")
 @click.option(
-    "--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+    "--shards",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="The shard folder `mvprep build` wrote (with manifest.json).",
 )
 @click.option("--model", required=True, help="'tiny' or a local model folder.")
-@click.option("--output", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The run folder: checkpoints, metrics.jsonl, run.json, the HF export.",
+)
 @click.option(
     "--token-budget",
     default=str(DEFAULT_TOKEN_BUDGET),
@@ -127,10 +135,35 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     default=None,
     help="A fit saved by `mvtrain probe` for 'auto' budgets.",
 )
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--max-steps", type=int, default=None)
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--zero", "zero_stage", type=int, default=2, show_default=True)
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Micro-batches per optimizer step (each within the budgets).",
+)
+@click.option(
+    "--max-steps",
+    type=int,
+    default=None,
+    help="Train this many optimizer steps, over as many epochs as that takes "
+    "(then --epochs is ignored).",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Passes over the data (ignored with --max-steps).",
+)
+@click.option(
+    "--zero",
+    "zero_stage",
+    type=int,
+    default=2,
+    show_default=True,
+    help="DeepSpeed ZeRO stage: 0, 1 or 2 (ZeRO-3 is not supported).",
+)
 @click.option(
     "--deepspeed-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -138,12 +171,26 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     help="JSON whose keys override the generated DeepSpeed config.",
 )
 @click.option(
-    "--engine", type=click.Choice(["auto", "deepspeed", "torch"]), default="auto", show_default=True
+    "--engine",
+    type=click.Choice(["auto", "deepspeed", "torch"]),
+    default="auto",
+    show_default=True,
+    help="deepspeed (ZeRO), torch (plain, fp32 master weights), or auto: DeepSpeed when installed.",
 )
-@click.option("--lora", is_flag=True)
-@click.option("--lora-rank", type=int, default=8, show_default=True)
-@click.option("--freeze-vision", is_flag=True)
-@click.option("--grad-ckpt", is_flag=True)
+@click.option("--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only.")
+@click.option(
+    "--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r (alpha = 2r)."
+)
+@click.option(
+    "--freeze-vision",
+    is_flag=True,
+    help="Keep the vision encoder fixed (the merger/resampler still trains).",
+)
+@click.option(
+    "--grad-ckpt",
+    is_flag=True,
+    help="Gradient checkpointing: recompute activations in backward to save memory.",
+)
 @click.option(
     "--dtype",
     default="auto",
@@ -154,11 +201,39 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     "torch engine keeps fp32 weights, runs the forward under bf16 autocast and refuses fp16.",
 )
 @click.option("--bf16", "bf16_alias", is_flag=True, hidden=True, help="Same as --dtype bf16.")
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-log", type=click.Path(path_type=Path), default=None)
-@click.option("--save-every", type=int, default=None)
+@click.option(
+    "--lr",
+    type=float,
+    default=1e-5,
+    show_default=True,
+    help="Peak learning rate (linear warm-up, then cosine to 10% of it).",
+)
+@click.option(
+    "--warmup-steps",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Optimizer steps of linear learning-rate warm-up.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the epoch plans and the model initialisation.",
+)
+@click.option(
+    "--batch-log",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write one JSON line per micro-batch (keys, padded costs, loss) to this file.",
+)
+@click.option(
+    "--save-every",
+    type=int,
+    default=None,
+    help="Save a checkpoint every N optimizer steps (and always at the end).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
 @click.option("--dry-run", is_flag=True, help="The data path only: stream, tokenize, bucket, log.")
 @click.option("--trust-remote-code", is_flag=True, help="Needed for the 2.6 family.")
@@ -181,7 +256,7 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     "raise it for very large data sets or models.",
 )
 @click.option("--nproc-per-node", type=int, default=None, help="Launch this many processes here.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-export", is_flag=True, help="Skip the Hugging Face export at the end.")
 def run_command(
     nproc_per_node: int | None,

@@ -29,19 +29,54 @@ def _plan_options(f: Any) -> Any:
                 "--shards",
                 type=click.Path(exists=True, file_okay=False, path_type=Path),
                 required=True,
+                help="The shard folder `mvprep build` wrote (with manifest.json).",
             ),
             click.option(
                 "--model",
                 required=True,
                 help="'tiny', a model folder, or a folder with only config.json.",
             ),
-            click.option("--gpus", type=int, default=1, show_default=True),
-            click.option("--gpu-mem", default="80GiB", show_default=True),
-            click.option("--zero", "zero_stage", type=int, default=2, show_default=True),
-            click.option("--lora", is_flag=True),
-            click.option("--lora-rank", type=int, default=8, show_default=True),
-            click.option("--freeze-vision", is_flag=True),
-            click.option("--grad-ckpt", is_flag=True),
+            click.option(
+                "--gpus",
+                type=int,
+                default=1,
+                show_default=True,
+                help="Data-parallel GPUs to plan for.",
+            ),
+            click.option(
+                "--gpu-mem",
+                default="80GiB",
+                show_default=True,
+                help="Memory of one card, with a unit: 80GiB, 24GB, 81920MiB.",
+            ),
+            click.option(
+                "--zero",
+                "zero_stage",
+                type=int,
+                default=2,
+                show_default=True,
+                help="DeepSpeed ZeRO stage: 0, 1 or 2 (ZeRO-3 is not supported).",
+            ),
+            click.option(
+                "--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only."
+            ),
+            click.option(
+                "--lora-rank",
+                type=int,
+                default=8,
+                show_default=True,
+                help="LoRA rank r (alpha = 2r).",
+            ),
+            click.option(
+                "--freeze-vision",
+                is_flag=True,
+                help="Keep the vision encoder fixed (the merger/resampler still trains).",
+            ),
+            click.option(
+                "--grad-ckpt",
+                is_flag=True,
+                help="Gradient checkpointing: recompute activations in backward to save memory.",
+            ),
             _dtype_choice("auto = bf16: a plan is for a GPU."),
             click.option(
                 "--engine",
@@ -50,13 +85,26 @@ def _plan_options(f: Any) -> Any:
                 show_default=True,
                 help="The engine `mvtrain run` will use (torch: no partitioning).",
             ),
-            click.option("--target", type=float, default=0.9, show_default=True),
-            click.option("--grad-accum", type=int, default=1, show_default=True),
+            click.option(
+                "--target",
+                type=float,
+                default=0.9,
+                show_default=True,
+                help="Fraction of the card the budgets may fill.",
+            ),
+            click.option(
+                "--grad-accum",
+                type=int,
+                default=1,
+                show_default=True,
+                help="Micro-batches per optimizer step (each within the budgets).",
+            ),
             click.option(
                 "--attention",
                 type=click.Choice(["sdpa", "flash", "eager"]),
                 default="sdpa",
                 show_default=True,
+                help="The LLM attention kernel to plan for.",
             ),
         ]
     ):
@@ -94,21 +142,39 @@ def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
 
 @click.command("probe")
 @click.option(
-    "--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+    "--shards",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="The shard folder `mvprep build` wrote (with manifest.json).",
 )
-@click.option("--model", required=True)
+@click.option(
+    "--model", required=True, help="'tiny', a model folder, or a folder with only config.json."
+)
 @click.option(
     "--save",
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("mvkit-probe.json"),
     show_default=True,
+    help="Where to write the probe fit (JSON).",
 )
 @_dtype_choice("auto = bf16 where the GPU supports it, else fp32.")
-@click.option("--lora", is_flag=True)
-@click.option("--lora-rank", type=int, default=8, show_default=True)
-@click.option("--freeze-vision", is_flag=True)
-@click.option("--grad-ckpt", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
+@click.option("--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only.")
+@click.option(
+    "--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r (alpha = 2r)."
+)
+@click.option(
+    "--freeze-vision",
+    is_flag=True,
+    help="Keep the vision encoder fixed (the merger/resampler still trains).",
+)
+@click.option(
+    "--grad-ckpt",
+    is_flag=True,
+    help="Gradient checkpointing: recompute activations in backward to save memory.",
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Needed for the 2.6 family (remote-code checkpoints)."
+)
 def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
     """On a GPU: measure fwd+bwd peaks on worst-case batches and fit the planner to them."""
     from mvshards.index import load_index
