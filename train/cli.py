@@ -111,7 +111,8 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     "--output",
     type=click.Path(path_type=Path),
     required=True,
-    help="The run folder: checkpoints, metrics.jsonl, run.json, the HF export.",
+    help="The run folder: checkpoints, metrics.jsonl, run.json, the HF export. One run per "
+    "folder: one that holds a run needs --resume or --overwrite.",
 )
 @click.option(
     "--token-budget",
@@ -206,14 +207,18 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     type=float,
     default=1e-5,
     show_default=True,
-    help="Peak learning rate (linear warm-up, then cosine to 10% of it).",
+    help="Peak learning rate. Schedule: linear warm-up over --warmup-steps (step k uses "
+    "k/W of the peak), then cosine decay from the peak towards 10% of it at the last planned "
+    "step (--max-steps, or the steps of --epochs). Fixed at the first start: --resume keeps "
+    "it and refuses another --lr/--warmup-steps/step count unless --schedule-change.",
 )
 @click.option(
     "--warmup-steps",
     type=int,
     default=0,
     show_default=True,
-    help="Optimizer steps of linear learning-rate warm-up.",
+    help="Optimizer steps of linear learning-rate warm-up (to the --lr peak, then cosine to "
+    "10% of it); kept on --resume like --lr.",
 )
 @click.option(
     "--seed",
@@ -235,6 +240,19 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     help="Save a checkpoint every N optimizer steps (and always at the end).",
 )
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start a new run in an --output folder that holds one: first delete its run files "
+    "(metrics.jsonl, run.json, events.jsonl, restart.json, report.png, params-rank*.sha256, "
+    "checkpoints/, hf/, tensorboard/); cache/ and other files stay.",
+)
+@click.option(
+    "--schedule-change",
+    is_flag=True,
+    help="With --resume: accept a learning-rate schedule (--lr, --warmup-steps, total steps) "
+    "other than the checkpoint's; it applies from the resumed step and run.json records it.",
+)
 @click.option("--dry-run", is_flag=True, help="The data path only: stream, tokenize, bucket, log.")
 @click.option("--trust-remote-code", is_flag=True, help="Needed for the 2.6 family.")
 @click.option(
@@ -331,6 +349,21 @@ def report_command(out: Path, png: Path | None, memory_budget: str | None) -> No
     click.echo(format_report(report))
 
 
+def _skipped_text(result: Any) -> str:
+    """``N per epoch, T in total: key (costs), ...; all in OUT/skipped.jsonl``, or ``0``."""
+    if not result.oversize:
+        return "0"
+    per_epoch = sorted(set(result.skipped_per_epoch))
+    counts = (
+        f"{per_epoch[0]} per epoch"
+        if len(per_epoch) == 1
+        else "per epoch " + "/".join(str(n) for n in result.skipped_per_epoch)
+    )
+    where = Path(result.output) / "skipped.jsonl"
+    examples = ", ".join(result.skipped_examples)
+    return f"{counts}, {result.oversize} in total: {examples}; all in {where}"
+
+
 def _print_summary(result: Any) -> None:
     """The short table that ends a run (rank 0)."""
     eff = result.efficiency
@@ -346,7 +379,7 @@ def _print_summary(result: Any) -> None:
         ("patch efficiency", f"{eff.get('patch_efficiency', 0):.3f}"),
         ("token budget use", f"{eff.get('token_budget_utilisation', 0):.3f}"),
         ("patch budget use", f"{eff.get('patch_budget_utilisation', 0):.3f}"),
-        ("over-budget samples skipped", f"{result.oversize}"),
+        ("over-budget samples skipped", _skipped_text(result)),
         ("length mismatches vs index", f"{result.length_mismatches}"),
         ("output", str(result.output)),
     ]

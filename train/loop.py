@@ -43,6 +43,9 @@ from mvtrain.step import WindowRunner
 
 log = logging.getLogger("mvtrain")
 
+SKIPPED_FILE = "skipped.jsonl"
+"""In the output folder: every sample skipped for being over a budget, per epoch."""
+
 
 @dataclass
 class RunResult:
@@ -50,6 +53,10 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)
     efficiency: dict[str, float] = field(default_factory=dict)
     oversize: int = 0
+    """Samples skipped for being over a budget on their own, summed over the epochs."""
+    skipped_per_epoch: list[int] = field(default_factory=list)
+    skipped_examples: list[str] = field(default_factory=list)
+    """The first few skipped samples: key and costs alone."""
     length_mismatches: int = 0
     output: Path | None = None
 
@@ -58,7 +65,7 @@ def run(config: RunConfig) -> RunResult:
     """Set up, train every planned step (from the checkpoint when resuming), finish."""
     session = setup(config)
     result = RunResult(steps_done=session.state.step, output=session.output)
-    result.oversize = sum(len(p.oversize) for p in session.epochs.plans.values())
+    _report_skipped(session, result)
     config = session.config
     reporter = StepReporter(
         output=session.output,
@@ -78,6 +85,22 @@ def run(config: RunConfig) -> RunResult:
     result.steps_done = session.state.step
     result.efficiency = reporter.efficiency.report()
     return result
+
+
+def _report_skipped(session: Session, result: RunResult) -> None:
+    """Count the over-budget samples per epoch (all ranks) and list each in
+    ``OUT/skipped.jsonl`` (rank 0)."""
+    epochs = session.epochs
+    result.skipped_per_epoch = [len(epochs.skipped[e]) for e in sorted(epochs.skipped)]
+    result.oversize = sum(result.skipped_per_epoch)
+    rows = epochs.skipped_rows()
+    result.skipped_examples = [
+        f"{r['key']} ({r['padded_tokens']} tokens, {r['padded_patches']} patches alone)"
+        for r in rows[:3]
+    ]
+    path = session.output / SKIPPED_FILE
+    if session.info.is_main and rows:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # --- training steps ----------------------------------------------------------------------

@@ -7,10 +7,11 @@ and the last is cut there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mvshards.cost import CostModel
+from mvtrain.batching.bucketer import Oversize
 from mvtrain.batching.schedule import (
     PlanIndex,
     RankPlan,
@@ -30,6 +31,22 @@ class EpochPlans:
     steps: list[int]
     plans: dict[int, RankPlan]
     report: dict[int, dict[str, Any]]
+    skipped: dict[int, list[Oversize]] = field(default_factory=dict)
+    """Per epoch, every rank's samples over a budget on their own (never trained)."""
+
+    def skipped_rows(self) -> list[dict[str, Any]]:
+        """One row per skipped sample and epoch: key, its costs alone, the reason."""
+        return [
+            {
+                "epoch": epoch,
+                "key": o.sample.key,
+                "padded_tokens": o.padded_tokens,
+                "padded_patches": o.padded_patches,
+                "reason": o.reason,
+            }
+            for epoch, found in sorted(self.skipped.items())
+            for o in found
+        ]
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of a global step."""
@@ -47,6 +64,7 @@ def plan_epochs(
     steps: list[int] = []
     plans: dict[int, RankPlan] = {}
     reports: dict[int, dict[str, Any]] = {}
+    skipped: dict[int, list[Oversize]] = {}
     for epoch in range(config.epochs if config.max_steps is None else 10**6):
         rank_plans = all_rank_plans(
             index,
@@ -63,6 +81,7 @@ def plan_epochs(
         steps.append(n)
         plans[epoch] = padded[info.rank]
         reports[epoch] = plan_report(rank_plans)
+        skipped[epoch] = [o for plan in rank_plans for o in plan.oversize]
         if config.max_steps is not None and sum(steps) >= config.max_steps:
             break
     if config.max_steps is not None:
@@ -71,7 +90,7 @@ def plan_epochs(
             trimmed.append(min(n, total))
             total -= trimmed[-1]
         steps = trimmed
-    return EpochPlans(steps, plans, reports)
+    return EpochPlans(steps, plans, reports, skipped)
 
 
 class EmptyPlanError(ValueError):
