@@ -25,6 +25,7 @@ demo: install
 	$(VENV)/bin/mvprep build $(DEMO)/data/demo.json --out $(DEMO)/shards --max-res 1344 \
 		--workers 2 --samples-per-shard 16
 	$(VENV)/bin/mvprep verify $(DEMO)/shards
+	rm -rf $(DEMO)/run
 	OMP_NUM_THREADS=1 $(VENV)/bin/mvtrain run --shards $(DEMO)/shards --model tiny \
 		--output $(DEMO)/run --max-steps 4 --lr 1e-3 --token-budget 4096 --patch-budget 16384 \
 		--batch-log $(DEMO)/run/batches.jsonl --nproc-per-node 2

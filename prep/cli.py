@@ -4,6 +4,7 @@ by library functions (``mvprep.build.build``, ``mvprep.layout_rows``, ``mvshards
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,13 @@ import click
 from mvshards.profiles import DEFAULT_PROFILE, PROFILES
 
 PROFILE_CHOICE = click.Choice(sorted(PROFILES))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,7 +51,13 @@ def main() -> None:
     default=None,
     help="Slice cap given directly (instead of --max-res).",
 )
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=available_cpus,
+    show_default=f"the CPUs this process may use: {available_cpus()} here",
+    help="Worker processes.",
+)
 @click.option(
     "--samples-per-shard", type=int, default=1000, show_default=True, help="Samples per tar shard."
 )
@@ -55,7 +69,13 @@ def main() -> None:
     show_default=True,
     help="Encoding of the stored images.",
 )
-@click.option("--quality", type=int, default=95, show_default=True, help="JPEG quality.")
+@click.option(
+    "--quality",
+    type=click.IntRange(1, 100),
+    default=95,
+    show_default=True,
+    help="JPEG and WebP quality (both lossy; PNG is lossless and ignores it).",
+)
 @click.option(
     "--tokenizer",
     type=click.Path(exists=True, file_okay=False),

@@ -303,6 +303,8 @@ def extension_for(fmt: str) -> str:
     return _EXTENSIONS[_norm_fmt(fmt)]
 
 
+WEBP_METHOD = 4  # libwebp effort 0-6, pinned: the bytes depend on it (4 is Pillow's default)
+
 JPEG_SUBSAMPLINGS: dict[str, int] = {
     "4:4:4": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
     "4:2:2": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
@@ -351,10 +353,11 @@ def encode_image(
 
     JPEG: ``quality`` (1-100), chroma ``subsampling`` (a key of :data:`JPEG_SUBSAMPLINGS`;
     4:4:4 by default, which never bleeds colour across text edges), baseline. PNG: lossless,
-    zlib level 3. WebP: lossless, fastest effort (``quality`` and ``subsampling`` are ignored
-    for PNG and WebP). ``bgr=True``: the array holds B, G, R (as ``decode_stored(...,
-    bgr=True)`` returns it), which spares OpenCV's encoders a channel swap. Deterministic: no
-    metadata or timestamps, equal input gives equal bytes.
+    zlib level 3. WebP: lossy at ``quality`` (1-100), effort :data:`WEBP_METHOD`
+    (``subsampling`` is ignored for PNG and WebP, ``quality`` for PNG). ``bgr=True``: the
+    array holds B, G, R (as ``decode_stored(..., bgr=True)`` returns it), which spares
+    OpenCV's encoders a channel swap. Deterministic: no metadata or timestamps, equal input
+    gives equal bytes.
     """
     f = _norm_fmt(fmt)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -369,8 +372,10 @@ def encode_image(
         if bgr:
             pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
         buf = io.BytesIO()
+        if not 1 <= quality <= 100:
+            raise ValueError(f"WebP quality must be 1-100, got {quality}")
         Image.fromarray(pixels, "RGB").save(
-            buf, "WEBP", lossless=True, method=0, quality=50, exact=True
+            buf, "WEBP", lossless=False, quality=int(quality), method=WEBP_METHOD
         )
         return buf.getvalue()
     pixels = np.ascontiguousarray(rgb)

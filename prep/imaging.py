@@ -33,9 +33,10 @@ The rules, in the order an image meets them:
    (width, height) everywhere.
 5. ``encode_image`` writes JPEG (quality 95 default; chroma subsampling 4:4:4 unless told
    otherwise: no colour bleeding on text; baseline, standard Huffman tables), PNG (lossless,
-   zlib level 3) or WebP (lossless, fastest effort). No metadata, no timestamps: equal
-   pixels give equal bytes. ``output_subsampling`` is the builder's choice per input: the
-   input's own for a colour JPEG with subsampled chroma, 4:2:0 for gray, else 4:4:4.
+   zlib level 3) or WebP (lossy at the same quality, effort ``WEBP_METHOD``). No metadata,
+   no timestamps: equal pixels give equal bytes. ``output_subsampling`` is the builder's
+   choice per input: the input's own for a colour JPEG with subsampled chroma, 4:2:0 for
+   gray, else 4:4:4.
 
 Threads: OpenCV's internal thread pool is set to 1 thread on first use here, since the build
 runs one worker process per core (extra threads only add contention and CPU time). A caller

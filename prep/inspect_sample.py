@@ -36,7 +36,7 @@ from mvshards.image_spans import SpanTokens, image_span_text
 from mvshards.index import entry_path, read_manifest
 from mvshards.layout import compute_layout, num_image_tokens
 from mvshards.profiles import get_profile
-from mvshards.schema import ImageEntry, SampleMeta
+from mvshards.schema import ImageEntry, SampleMeta, sample_key
 
 PANEL = 640
 """Longest side, in pixels, of the main (refine) image as drawn."""
@@ -96,12 +96,18 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+def normalise_key(key: str) -> str:
+    """The stored form of sample ``key``: ``"7"`` and ``"000000007"`` are both ``000000007``."""
+    text = key.strip()
+    if not text.isdigit():
+        raise InspectError(f"{key!r} is not a sample key (digits, e.g. 42); use --id ID")
+    return sample_key(int(text))
+
+
 def shard_of_key(out: Path, key: str) -> Path:
     """The shard whose record range holds sample ``key`` (the manifest alone)."""
     manifest = read_manifest(out)
-    if not key.isdigit():
-        raise InspectError(f"{key!r} is not a sample key (digits, e.g. 000000042); use --id ID")
-    record = int(key)
+    record = int(normalise_key(key))
     for item in manifest["shards"]:
         start, stop = item["record_range"]
         if start <= record < stop:
@@ -371,6 +377,7 @@ def inspect_sample(
         shard, key = find_by_id(out, record_id)
     else:
         assert key is not None
+        key = normalise_key(key)
         shard = shard_of_key(out, key)
     members = read_members(shard, key)
     if "json" not in members:

@@ -66,4 +66,5 @@ class BuildOptions:
         raw["max_slice_nums"] = self.resolved_max_slice_nums
         raw["image_id_form"] = self.resolved_image_id_form
         raw["tokenizer"] = str(Path(self.tokenizer).resolve()) if self.tokenizer else None
+        raw["quality"] = None if self.image_format == "png" else self.quality  # PNG: unused
         return raw

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,7 +144,7 @@ def check(work: Path, steps: int, target: float, smoke: bool, cuda: bool, starte
         engine=engine,
         probe=fit_path,
     )
-    plan_args = ["--shards", str(shards), *setup, "--gpu-mem", str(gpu_mem)]
+    plan_args = ["--shards", str(shards), *setup, "--gpu-mem", f"{gpu_mem}B"]
     plan_args += ["--target", str(target), "--engine", engine]
     plan_args += ["--probe", str(fit_path)] if fit_path is not None else []
     plan = json.loads(sh(mvtrain, "plan", *plan_args, "--json"))
@@ -157,6 +158,7 @@ def check(work: Path, steps: int, target: float, smoke: bool, cuda: bool, starte
         f"{plan['predicted_peak_bytes'] / GiB:.2f} GiB of {gpu_mem / GiB:.0f} GiB"
     )
     run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (its batch log too)
     run_cmd = [mvtrain, "run", "--shards", str(shards), "--model", str(model_dir)]
     run_cmd += ["--output", str(run_dir), "--dtype", dtype, "--engine", engine]
     run_cmd += ["--token-budget", str(plan["token_budget"])]

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from mvtrain import cli
+from mvtrain import launch as launch_module
 from mvtrain.distributed import DEFAULT_ALLOC_CONF, alloc_conf_env, ensure_alloc_conf
 from mvtrain.loop import RunResult
 
@@ -112,14 +113,14 @@ def test_ensure_alloc_conf_sets_this_process(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_launch_passes_the_allocator_default(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, str]] = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append(env) or 0)
+    monkeypatch.setattr(launch_module.subprocess, "call", lambda cmd, env: calls.append(env) or 0)
     for name in ALLOC_ENV + ("OMP_NUM_THREADS",):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    assert cli._launch(2, ["run"]) == 0
+    assert launch_module.launch(2, ["run"]) == 0
     assert calls[-1]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert calls[-1]["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")
-    cli._launch(2, ["run"])
+    launch_module.launch(2, ["run"])
     assert "PYTORCH_CUDA_ALLOC_CONF" not in calls[-1]
     assert calls[-1]["PYTORCH_ALLOC_CONF"] == "backend:cudaMallocAsync"

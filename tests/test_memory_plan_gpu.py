@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from mvshards.units import GiB, MiB
 from mvtrain.cli import main as mvtrain_main
-from mvtrain.engine import deepspeed_config
+from mvtrain.deepspeed_config import deepspeed_config
 from mvtrain.memory import (
     IndexStats,
     Overhead,

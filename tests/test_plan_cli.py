@@ -176,7 +176,7 @@ def test_sizes_have_one_reading_and_p99_is_the_nearest_rank() -> None:
     from mvtrain.memory.budgets import IndexStats
 
     assert parse_bytes("80GiB") == parse_bytes("81920MiB") == parse_bytes("80 gib") == 80 * GiB
-    assert parse_bytes("80G") == parse_bytes("80GB") == parse_bytes("80000000000") == 80 * 10**9
+    assert parse_bytes("80G") == parse_bytes("80GB") == parse_bytes("80000000000B") == 80 * 10**9
     for bad in ("80XB", "80iB", "1.2.3GB", "lots"):
         with pytest.raises(ValueError, match="not a memory size"):
             parse_bytes(bad)

@@ -18,8 +18,9 @@ import torch
 from click.testing import CliRunner
 from train_fixtures import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 
+from mvtrain.deepspeed_config import deepspeed_config
 from mvtrain.distributed import DistInfo, free_port
-from mvtrain.engine import deepspeed_config, init_process_group, make_engine
+from mvtrain.engine import init_process_group, make_engine
 from mvtrain.model.adapters import adapter_for, token_loss_sum
 from mvtrain.model.loading import load_model
 from mvtrain.model.setup import build_model

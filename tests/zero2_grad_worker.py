@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from mvtrain.budgets import Budgets
+from mvtrain.deepspeed_config import deepspeed_config
 from mvtrain.distributed import dist_info
-from mvtrain.engine import DeepSpeedEngine, deepspeed_config, init_process_group
+from mvtrain.engine import DeepSpeedEngine, init_process_group
 from mvtrain.metrics import BatchLog
 from mvtrain.model.adapters import adapter_for
 from mvtrain.model.tiny import build_tiny_model

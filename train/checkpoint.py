@@ -1,10 +1,11 @@
 """Checkpoints: engine state (DeepSpeed or torch) plus each rank's data position and RNG.
 
 Layout: ``OUT/checkpoints/step-000012/`` holds the engine's files, ``rank-R.pt`` per rank
-(data position, RNG states, budgets), and ``COMPLETE``, written by rank 0 after every rank
-has saved. A checkpoint without ``COMPLETE`` (a kill during the save) is never resumed from.
-The data position is the global optimizer step: the batch plan is a pure function of the
-index, the seed and the epoch, so a resumed run recomputes it and skips to that step.
+(data position, RNG states, budgets, learning-rate schedule), and ``COMPLETE``, written by
+rank 0 after every rank has saved. A checkpoint without ``COMPLETE`` (a kill during the
+save) is never resumed from. The data position is the global optimizer step: the batch plan
+is a pure function of the index, the seed and the epoch, so a resumed run recomputes it and
+skips to that step.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class TrainState:
     """The budgets in force (the planned ones until an out-of-memory error lowers them)."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """Things that changed the run (e.g. OOM budget changes), kept across resumes."""
+    schedule: dict[str, Any] | None = None
+    """The learning-rate schedule in force (:class:`mvtrain.lr_schedule.LrSchedule` as a dict);
+    None in checkpoints saved before it was recorded."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -86,7 +90,13 @@ def save_checkpoint(output: Path, engine: Engine, state: TrainState, info: DistI
     rank_file = folder / f"rank-{info.rank}.pt"
     tmp = rank_file.with_suffix(".pt.tmp")
     torch.save(
-        {"step": state.step, "budgets": state.budgets, "events": state.events, "rng": _rng_state()},
+        {
+            "step": state.step,
+            "budgets": state.budgets,
+            "events": state.events,
+            "schedule": state.schedule,
+            "rng": _rng_state(),
+        },
         tmp,
     )
     tmp.replace(rank_file)
@@ -109,4 +119,9 @@ def load_checkpoint(output: Path, tag: str, engine: Engine, info: DistInfo) -> T
     saved = torch.load(rank_file, map_location="cpu", weights_only=False)
     _set_rng_state(saved["rng"])
     budgets = Budgets.of(saved["budgets"])
-    return TrainState(step=saved["step"], budgets=budgets, events=saved["events"])
+    return TrainState(
+        step=saved["step"],
+        budgets=budgets,
+        events=saved["events"],
+        schedule=saved.get("schedule"),
+    )

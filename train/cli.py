@@ -4,78 +4,20 @@ by :func:`mvtrain.loop.run` (a notebook can call it with a :class:`RunConfig`)."
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
 from mvtrain.cli_plan import plan_command, probe_command
+from mvtrain.launch import exit_now, launch, strip_nproc
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train MiniCPM-V on mvkit shards under token and patch budgets."""
-
-
-def _launch(nproc: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
-    from mvtrain.distributed import free_port
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "mvtrain.cli",
-        *argv,
-    ]
-    return subprocess.call(cmd, env=_launch_env(os.environ))
-
-
-def _launch_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The training processes' environment: ``environ`` plus one intra-op thread and the
-    CUDA allocator default (each unless already set)."""
-    from mvtrain.distributed import alloc_conf_env
-
-    return {
-        **environ,
-        "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", "1"),
-        **alloc_conf_env(environ),
-    }
-
-
-def _exit_now(message: str, code: int) -> None:
-    """Print ``message`` and end this process at once, skipping interpreter shutdown: other
-    ranks may be blocked in a collective this one left, and a process group torn down with
-    pending work can wait for it forever. The launcher then ends the other ranks."""
-    sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
-    os._exit(code)
-
-
-def _strip_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc-per-node":
-            skip = True
-            continue
-        if arg.startswith("--nproc-per-node="):
-            continue
-        out.append(arg)
-    return out
 
 
 def _int_or_auto(text: object, flag: str, kind: str = "a positive integer") -> int | None:
@@ -244,8 +186,9 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     "--overwrite",
     is_flag=True,
     help="Start a new run in an --output folder that holds one: first delete its run files "
-    "(metrics.jsonl, run.json, events.jsonl, restart.json, report.png, params-rank*.sha256, "
-    "checkpoints/, hf/, tensorboard/); cache/ and other files stay.",
+    "(metrics.jsonl, run.json, events.jsonl, skipped.jsonl, restart.json, report.png, "
+    "deepspeed_config.json, params-rank*.sha256, checkpoints/, hf/, tensorboard/); cache/ "
+    "and other files stay.",
 )
 @click.option(
     "--schedule-change",
@@ -286,7 +229,7 @@ def run_command(
 ) -> None:
     """Train (or --dry-run the data path) on SHARDS."""
     if nproc_per_node and "RANK" not in os.environ:
-        sys.exit(_launch(nproc_per_node, _strip_nproc(sys.argv[1:])))
+        sys.exit(launch(nproc_per_node, strip_nproc(sys.argv[1:])))
     from mvshards.units import parse_bytes
     from mvtrain.loop import run
     from mvtrain.run_config import RunConfig
@@ -315,7 +258,7 @@ def run_command(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     except BackwardOomError as exc:
-        _exit_now(f"mvtrain: {exc} (saved in {Path(config.output) / 'restart.json'})", 3)
+        exit_now(f"mvtrain: {exc} (saved in {Path(config.output) / 'restart.json'})", 3)
     if os.environ.get("RANK", "0") == "0":
         _print_summary(result)
 

@@ -22,92 +22,92 @@ def _dtype_choice(auto: str) -> Any:
     )
 
 
+PLAN_OPTIONS = [
+    click.option(
+        "--shards",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        required=True,
+        help="The shard folder `mvprep build` wrote (with manifest.json).",
+    ),
+    click.option(
+        "--model",
+        required=True,
+        help="'tiny', a model folder, or a folder with only config.json.",
+    ),
+    click.option(
+        "--gpus",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Data-parallel GPUs to plan for.",
+    ),
+    click.option(
+        "--gpu-mem",
+        default="80GiB",
+        show_default=True,
+        help="Memory of one card, with a unit: 80GiB, 24GB, 81920MiB.",
+    ),
+    click.option(
+        "--zero",
+        "zero_stage",
+        type=int,
+        default=2,
+        show_default=True,
+        help="DeepSpeed ZeRO stage: 0, 1 or 2 (ZeRO-3 is not supported).",
+    ),
+    click.option("--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only."),
+    click.option(
+        "--lora-rank",
+        type=int,
+        default=8,
+        show_default=True,
+        help="LoRA rank r (alpha = 2r).",
+    ),
+    click.option(
+        "--freeze-vision",
+        is_flag=True,
+        help="Keep the vision encoder fixed (the merger/resampler still trains).",
+    ),
+    click.option(
+        "--grad-ckpt",
+        is_flag=True,
+        help="Gradient checkpointing: recompute activations in backward to save memory.",
+    ),
+    _dtype_choice("auto = bf16: a plan is for a GPU."),
+    click.option(
+        "--engine",
+        type=click.Choice(["deepspeed", "torch"]),
+        default="deepspeed",
+        show_default=True,
+        help="The engine `mvtrain run` will use (torch: no partitioning).",
+    ),
+    click.option(
+        "--target",
+        type=float,
+        default=0.9,
+        show_default=True,
+        help="Fraction of the card the budgets may fill.",
+    ),
+    click.option(
+        "--grad-accum",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Micro-batches per optimizer step (each within the budgets).",
+    ),
+    click.option(
+        "--attention",
+        type=click.Choice(["sdpa", "flash", "eager"]),
+        default="sdpa",
+        show_default=True,
+        help="The LLM attention kernel to plan for.",
+    ),
+]
+"""The options ``plan`` shares with the setup it plans for."""
+
+
 def _plan_options(f: Any) -> Any:
-    for option in reversed(
-        [
-            click.option(
-                "--shards",
-                type=click.Path(exists=True, file_okay=False, path_type=Path),
-                required=True,
-                help="The shard folder `mvprep build` wrote (with manifest.json).",
-            ),
-            click.option(
-                "--model",
-                required=True,
-                help="'tiny', a model folder, or a folder with only config.json.",
-            ),
-            click.option(
-                "--gpus",
-                type=int,
-                default=1,
-                show_default=True,
-                help="Data-parallel GPUs to plan for.",
-            ),
-            click.option(
-                "--gpu-mem",
-                default="80GiB",
-                show_default=True,
-                help="Memory of one card, with a unit: 80GiB, 24GB, 81920MiB.",
-            ),
-            click.option(
-                "--zero",
-                "zero_stage",
-                type=int,
-                default=2,
-                show_default=True,
-                help="DeepSpeed ZeRO stage: 0, 1 or 2 (ZeRO-3 is not supported).",
-            ),
-            click.option(
-                "--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only."
-            ),
-            click.option(
-                "--lora-rank",
-                type=int,
-                default=8,
-                show_default=True,
-                help="LoRA rank r (alpha = 2r).",
-            ),
-            click.option(
-                "--freeze-vision",
-                is_flag=True,
-                help="Keep the vision encoder fixed (the merger/resampler still trains).",
-            ),
-            click.option(
-                "--grad-ckpt",
-                is_flag=True,
-                help="Gradient checkpointing: recompute activations in backward to save memory.",
-            ),
-            _dtype_choice("auto = bf16: a plan is for a GPU."),
-            click.option(
-                "--engine",
-                type=click.Choice(["deepspeed", "torch"]),
-                default="deepspeed",
-                show_default=True,
-                help="The engine `mvtrain run` will use (torch: no partitioning).",
-            ),
-            click.option(
-                "--target",
-                type=float,
-                default=0.9,
-                show_default=True,
-                help="Fraction of the card the budgets may fill.",
-            ),
-            click.option(
-                "--grad-accum",
-                type=int,
-                default=1,
-                show_default=True,
-                help="Micro-batches per optimizer step (each within the budgets).",
-            ),
-            click.option(
-                "--attention",
-                type=click.Choice(["sdpa", "flash", "eager"]),
-                default="sdpa",
-                show_default=True,
-                help="The LLM attention kernel to plan for.",
-            ),
-        ]
-    ):
+    for option in reversed(PLAN_OPTIONS):
         f = option(f)
     return f
 

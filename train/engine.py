@@ -1,4 +1,4 @@
-"""Training engines: DeepSpeed ZeRO-2 (generated config, user JSON overrides) or plain torch.
+"""Training engines: DeepSpeed ZeRO-0/1/2 (generated config, user JSON overrides) or plain torch.
 
 Both take a loss that is already normalised the way we want it -- the sum of token losses of
 a micro-batch divided by the label-token count of the whole accumulation window over ALL
@@ -8,6 +8,9 @@ ranks -- so the gradients must be SUMMED over micro-batches and ranks, never ave
   averages gradients over data-parallel ranks; the DeepSpeed engine multiplies the loss by
   the world size so that average becomes the sum.
 * The plain engine accumulates and all-reduces with SUM itself.
+
+The effective DeepSpeed config (generated, then the user's JSON merged in) must keep ZeRO
+stage 0, 1 or 2, and rank 0 writes it to ``OUT/deepspeed_config.json``.
 
 Precision (``--dtype``, :mod:`mvtrain.precision`): DeepSpeed trains bf16/fp16 parameters
 with its own fp32 master copy; the plain engine keeps fp32 parameters and runs the forward
@@ -20,9 +23,7 @@ replace its builder with one that returns None before the process group starts.
 
 from __future__ import annotations
 
-import copy
 import importlib
-import json
 import math
 from collections.abc import Callable
 from datetime import timedelta
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mvtrain.deepspeed_config import deepspeed_config, write_deepspeed_config
 from mvtrain.distributed import DistInfo
 from mvtrain.precision import (
     Precision,
@@ -104,74 +106,6 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def deepspeed_config(
-    grad_accum: int,
-    zero_stage: int = 2,
-    dtype: str = "fp32",
-    grad_clip: float = 1.0,
-    user_config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The generated DeepSpeed config; keys of ``user_config`` override it (deep merge).
-
-    ``dtype`` (a resolved ``--dtype``) enables the ``bf16`` or ``fp16`` section (fp16 with
-    dynamic loss scaling); ``user_config`` may not change either ``enabled`` flag.
-
-    ``train_micro_batch_size_per_gpu`` is nominal: micro-batches vary in size under the
-    token and patch budgets, and DeepSpeed only uses it for throughput logging. Gradient
-    accumulation is unmanaged: ``step()`` is the boundary, so a window may hold more
-    micro-batches than ``grad_accum`` when an OOM splits one (all ranks run the same count).
-    """
-    cuda = torch.cuda.is_available()
-    generated: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": grad_accum,
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {
-            "stage": zero_stage,
-            "contiguous_gradients": True,
-            # DeepSpeed allows overlap with an unmanaged accumulation boundary on ZeRO-2 only
-            "overlap_comm": cuda and zero_stage == 2,
-            "reduce_scatter": True,
-            "reduce_bucket_size": 200_000_000,
-            "allgather_bucket_size": 200_000_000,
-        },
-        "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1_000_000_000,
-        "wall_clock_breakdown": False,
-    }
-    merged = _deep_merge(generated, user_config or {})
-    for section in ("bf16", "fp16"):
-        enabled = merged[section].get("enabled")
-        if enabled != generated[section]["enabled"]:
-            raise ValueError(
-                f"--deepspeed-config sets {section}.enabled to {enabled!r} but --dtype is "
-                f"{dtype}: choose the precision with --dtype"
-            )
-    return merged
-
-
-def load_user_config(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--deepspeed-config {path}: cannot read it as JSON ({exc})") from exc
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """torch AdamW over trainable parameters (no compiled op: FusedAdam/CPUAdam would JIT)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,10 +127,15 @@ class DeepSpeedEngine:
         config: dict[str, Any],
         info: DistInfo,
         precision: Precision,
+        config_path: Path | None = None,
     ) -> None:
+        """``config_path``: where rank 0 writes ``config`` before DeepSpeed starts (none:
+        not written)."""
         import deepspeed
 
         self.info, self.config, self.precision = info, config, precision
+        if config_path is not None and info.is_main:
+            write_deepspeed_config(config_path, config)
         with buffers_kept(model):  # DeepSpeed may cast them with the parameters
             self._engine, _, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
@@ -318,15 +257,17 @@ def make_engine(
     zero_stage: int = 2,
     dtype: str = "fp32",
     user_config: dict[str, Any] | None = None,
+    config_path: Path | None = None,
 ) -> Engine:
     """The engine for ``model`` training in ``dtype`` (a ``--dtype`` value; see
     :func:`mvtrain.precision.engine_precision`). The model's floating-point parameters are
-    cast to the dtype the engine keeps them in first; its buffers are never cast."""
+    cast to the dtype the engine keeps them in first; its buffers are never cast.
+    ``config_path``: where the DeepSpeed engine writes its effective config (rank 0)."""
     precision = engine_precision(dtype, use_deepspeed)
     cast_parameters(model, torch_dtype(precision.weights))
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
     if use_deepspeed:
         config = deepspeed_config(grad_accum, zero_stage, precision.dtype, grad_clip, user_config)
-        return DeepSpeedEngine(model, optimizer, scheduler, config, info, precision)
+        return DeepSpeedEngine(model, optimizer, scheduler, config, info, precision, config_path)
     return TorchEngine(model, optimizer, scheduler, grad_clip, info, precision)

@@ -45,6 +45,10 @@ class RunConfig:
     batch_log: Path | None = None
     save_every: int | None = None
     resume: bool = False
+    overwrite: bool = False
+    """Delete a previous run's files in ``output`` first (see :mod:`mvtrain.run_folder`)."""
+    schedule_change: bool = False
+    """On resume, accept a learning-rate schedule that differs from the checkpoint's."""
     dry_run: bool = False
     trust_remote_code: bool = False
     loader_workers: int | None = None
@@ -72,6 +76,10 @@ class RunConfig:
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive or 'auto', got {value}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "--resume continues the run in --output, --overwrite deletes it: pick one"
+            )
         if self.grad_accum < 1:
             raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -1,9 +1,10 @@
 """Setting up one ``mvtrain run``: everything the training steps need, in a :class:`Session`.
 
-:func:`setup` starts the process group, loads the model (refusing shards of another family),
-fills ``auto`` budgets from the memory plan, counts exact token lengths (rank 0, cached),
-plans the epochs, builds the engine, resumes from the newest checkpoint and writes
-``run.json``.
+:func:`setup` checks the output folder (a previous run there needs ``--resume`` or
+``--overwrite``), starts the process group, loads the model (refusing shards of another
+family), fills ``auto`` budgets from the memory plan, counts exact token lengths (rank 0,
+cached), plans the epochs, builds the engine, resumes from the newest checkpoint (keeping its
+learning-rate schedule unless ``--schedule-change``) and writes ``run.json``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,21 @@ from mvtrain.batching.epochs import EpochPlans, plan_epochs, plan_index
 from mvtrain.checkpoint import TrainState, load_checkpoint, newest_checkpoint
 from mvtrain.data.lengths import exact_lengths
 from mvtrain.data.loader import default_loader_workers
+from mvtrain.deepspeed_config import load_user_config
 from mvtrain.distributed import DistInfo, barrier, device_for, dist_info, ensure_alloc_conf
 from mvtrain.engine import (
     Engine,
     deepspeed_available,
     init_process_group,
-    load_user_config,
     make_engine,
 )
 from mvtrain.faults import Faults
+from mvtrain.lr_schedule import CHANGE_EVENT, LrSchedule, apply_schedule, schedule_change
 from mvtrain.model.adapters import Adapter, adapter_for
 from mvtrain.model.setup import build_model, load_tokenizer_only, parameter_counts
 from mvtrain.precision import Precision, engine_precision
 from mvtrain.run_config import RunConfig
+from mvtrain.run_folder import check_output, clear_run_files
 
 log = logging.getLogger("mvtrain")
 
@@ -62,8 +65,10 @@ class Session:
 
 
 def setup(config: RunConfig) -> Session:
-    """Process group, model, exact lengths, the epochs' plans, engine, resume, run.json."""
+    """Output folder check, process group, model, exact lengths, the epochs' plans, engine,
+    resume, run.json."""
     config.validate()
+    stale = check_output(config)  # every rank, before any rank can write to the folder
     alloc_conf = ensure_alloc_conf()
     info = dist_info()
     faults = Faults.from_env()
@@ -75,10 +80,9 @@ def setup(config: RunConfig) -> Session:
         init_process_group(info, use_ds, config.dist_timeout_minutes)
     elif info.world_size > 1:
         init_process_group(info, use_deepspeed=False, timeout_minutes=config.dist_timeout_minutes)
-    torch.manual_seed(config.seed)
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     device = device_for(info)
+    output = _prepare_output(config, info, stale)
+    torch.manual_seed(config.seed)
 
     index = load_index(Path(config.shards))
     profile = index.params["profile"]
@@ -115,6 +119,18 @@ def setup(config: RunConfig) -> Session:
         }
         _write_run_json(session, run_record)
     return session
+
+
+def _prepare_output(config: RunConfig, info: DistInfo, stale: list[Path]) -> Path:
+    """The output folder, created; with ``--overwrite``, rank 0 first deletes the ``stale``
+    run files while the other ranks wait in a barrier."""
+    if config.overwrite:  # the same on every rank, so each one meets the barrier
+        if info.is_main:
+            clear_run_files(stale)
+        barrier()
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    return output
 
 
 def _load_model(config: RunConfig, profile: str, precision: Precision) -> tuple[Any, Any]:
@@ -161,8 +177,10 @@ def _engine_and_state(
     epochs: EpochPlans,
 ) -> tuple[Engine | None, TrainState]:
     """The engine around the model (None for a dry run) and the state to start from: the
-    newest checkpoint's when resuming."""
-    state = TrainState(step=0, budgets=config.budgets)
+    newest checkpoint's when resuming, with its learning-rate schedule checked against this
+    run's (a change needs ``--schedule-change`` and then applies from the resumed step)."""
+    schedule = LrSchedule(config.lr, config.warmup_steps, sum(epochs.steps))
+    state = TrainState(step=0, budgets=config.budgets, schedule=schedule.as_dict())
     if bundle is None:
         return None, state
     bundle.model.to(device)
@@ -170,14 +188,15 @@ def _engine_and_state(
         bundle.model,
         info,
         use_deepspeed=use_ds,
-        lr=config.lr,
+        lr=schedule.peak_lr,
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        total_steps=sum(epochs.steps),
+        warmup_steps=schedule.warmup_steps,
+        total_steps=schedule.total_steps,
         grad_accum=config.grad_accum,
         zero_stage=config.zero_stage,
         dtype=precision.dtype,
         user_config=load_user_config(config.deepspeed_config),
+        config_path=Path(config.output) / "deepspeed_config.json",
     )
     if config.resume:
         found = newest_checkpoint(Path(config.output))
@@ -187,7 +206,32 @@ def _engine_and_state(
                 "--resume to start a new run"
             )
         state = load_checkpoint(Path(config.output), found[1], engine, info)
+        _keep_or_change_schedule(config, engine, state, schedule)
     return engine, state
+
+
+def _keep_or_change_schedule(
+    config: RunConfig, engine: Engine, state: TrainState, schedule: LrSchedule
+) -> None:
+    """Refuse a resumed run whose schedule differs from the checkpoint's, unless
+    ``--schedule-change``: then apply ``schedule`` from ``state.step`` and record the change
+    in ``state.events``."""
+    saved = LrSchedule.of(state.schedule) if state.schedule else None
+    change = schedule_change(saved, schedule, state.step, config.schedule_change)
+    state.schedule = schedule.as_dict()
+    if change is None:
+        return
+    apply_schedule(_lr_scheduler(engine), schedule)
+    state.events.append(change)
+    log.warning("learning-rate schedule changed at step %d: %s", state.step, schedule.describe())
+
+
+def _lr_scheduler(engine: Engine) -> Any:
+    """The engine's ``LambdaLR`` (the torch engine's own, or the one DeepSpeed wraps)."""
+    scheduler = getattr(engine, "scheduler", None)
+    if scheduler is None:
+        scheduler = engine._engine.lr_scheduler  # type: ignore[attr-defined]
+    return scheduler
 
 
 def _loader_workers(config: RunConfig, device: torch.device) -> int:
@@ -211,6 +255,8 @@ def _write_run_json(session: Session, extra: dict[str, Any]) -> None:
         "exact_length_recount": extra["exact_length_recount"],
         "budgets": {"tokens": config.token_budget, "patches": config.patch_budget},
         "predicted_peak_bytes": extra["predicted_peak_bytes"],
+        "lr_schedule": session.state.schedule,
+        "lr_schedule_changes": [e for e in session.state.events if e.get("event") == CHANGE_EVENT],
     }
     (session.output / "run.json").write_text(json.dumps(record, indent=1, default=str))
 

@@ -84,7 +84,7 @@ def bucket_bytes(
 
     Not model states: :attr:`StaticMemory.buffer_bytes`. The bucket sizes are elements
     (``reduce_bucket_size`` / ``allgather_bucket_size``; the generated config,
-    :func:`mvtrain.engine.deepspeed_config`, uses 2e8 of each and sets ``overlap_comm`` on
+    :func:`mvtrain.deepspeed_config.deepspeed_config`, uses 2e8 of each and sets ``overlap_comm`` on
     CUDA). With ``overlap_comm`` we follow the documented rule: "overlap_comm
     uses 4.5x the allgather_bucket_size and reduce_bucket_size values. So if they are set to 5e8,
     this requires a 9GB footprint (5e8 x 2Bytes x 2 x 4.5)" (Hugging Face Transformers, DeepSpeed
