@@ -27,18 +27,22 @@ def main() -> None:
     """Preprocess MiniCPM-V fine-tuning data into annotated WebDataset shards."""
 
 
-@main.command("build")
-@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
-)
-@click.option(
+PROFILE = click.option(
     "--profile",
     default=DEFAULT_PROFILE,
     type=PROFILE_CHOICE,
     show_default=True,
     help="The model family's image arithmetic the shards are built for.",
 )
+"""``--profile`` of ``build`` and ``layout``."""
+
+
+@main.command("build")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@PROFILE
 @click.option(
     "--max-res",
     type=int,
@@ -227,13 +231,7 @@ def merge_command(out_dir: Path, verify_hashes: bool) -> None:
 @main.command("layout")
 @click.argument("width", type=str)
 @click.argument("height", type=int, required=False)
-@click.option(
-    "--profile",
-    default=DEFAULT_PROFILE,
-    type=PROFILE_CHOICE,
-    show_default=True,
-    help="The model family's image arithmetic the shards are built for.",
-)
+@PROFILE
 @click.option("--max-res", type=int, default=None, help="Default 1344 (9 slices).")
 @click.option(
     "--max-slice-nums",

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from mvtrain.cli_options import GRAD_ACCUM, SETUP, SHARDS, options
 from mvtrain.cli_plan import plan_command, probe_command
 from mvtrain.launch import exit_now, launch, strip_nproc
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET
@@ -42,12 +43,7 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
 
 
 @main.command("run")
-@click.option(
-    "--shards",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="The shard folder `mvprep build` wrote (with manifest.json).",
-)
+@SHARDS
 @click.option("--model", required=True, help="'tiny' or a local model folder.")
 @click.option(
     "--output",
@@ -78,13 +74,7 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     default=None,
     help="A fit saved by `mvtrain probe` for 'auto' budgets.",
 )
-@click.option(
-    "--grad-accum",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Micro-batches per optimizer step (each within the budgets).",
-)
+@GRAD_ACCUM
 @click.option(
     "--max-steps",
     type=int,
@@ -120,20 +110,7 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     show_default=True,
     help="deepspeed (ZeRO), torch (plain, fp32 master weights), or auto: DeepSpeed when installed.",
 )
-@click.option("--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only.")
-@click.option(
-    "--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r (alpha = 2r)."
-)
-@click.option(
-    "--freeze-vision",
-    is_flag=True,
-    help="Keep the vision encoder fixed (the merger/resampler still trains).",
-)
-@click.option(
-    "--grad-ckpt",
-    is_flag=True,
-    help="Gradient checkpointing: recompute activations in backward to save memory.",
-)
+@options(SETUP)
 @click.option(
     "--dtype",
     default="auto",

@@ -10,25 +10,10 @@ from typing import Any
 
 import click
 
-
-def _dtype_choice(auto: str) -> Any:
-    """``--dtype`` of ``plan`` and ``probe``; ``auto`` explains what auto means there."""
-    return click.option(
-        "--dtype",
-        type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-        default="auto",
-        show_default=True,
-        help=f"Training precision; {auto}",
-    )
-
+from mvtrain.cli_options import GRAD_ACCUM, SETUP, SHARDS, dtype_choice, options
 
 PLAN_OPTIONS = [
-    click.option(
-        "--shards",
-        type=click.Path(exists=True, file_okay=False, path_type=Path),
-        required=True,
-        help="The shard folder `mvprep build` wrote (with manifest.json).",
-    ),
+    SHARDS,
     click.option(
         "--model",
         required=True,
@@ -55,25 +40,8 @@ PLAN_OPTIONS = [
         show_default=True,
         help="DeepSpeed ZeRO stage: 0, 1 or 2 (ZeRO-3 is not supported).",
     ),
-    click.option("--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only."),
-    click.option(
-        "--lora-rank",
-        type=int,
-        default=8,
-        show_default=True,
-        help="LoRA rank r (alpha = 2r).",
-    ),
-    click.option(
-        "--freeze-vision",
-        is_flag=True,
-        help="Keep the vision encoder fixed (the merger/resampler still trains).",
-    ),
-    click.option(
-        "--grad-ckpt",
-        is_flag=True,
-        help="Gradient checkpointing: recompute activations in backward to save memory.",
-    ),
-    _dtype_choice("auto = bf16: a plan is for a GPU."),
+    *SETUP,
+    dtype_choice("auto = bf16: a plan is for a GPU."),
     click.option(
         "--engine",
         type=click.Choice(["deepspeed", "torch"]),
@@ -88,13 +56,7 @@ PLAN_OPTIONS = [
         show_default=True,
         help="Fraction of the card the budgets may fill.",
     ),
-    click.option(
-        "--grad-accum",
-        type=int,
-        default=1,
-        show_default=True,
-        help="Micro-batches per optimizer step (each within the budgets).",
-    ),
+    GRAD_ACCUM,
     click.option(
         "--attention",
         type=click.Choice(["sdpa", "flash", "eager"]),
@@ -106,14 +68,8 @@ PLAN_OPTIONS = [
 """The options ``plan`` shares with the setup it plans for."""
 
 
-def _plan_options(f: Any) -> Any:
-    for option in reversed(PLAN_OPTIONS):
-        f = option(f)
-    return f
-
-
 @click.command("plan")
-@_plan_options
+@options(PLAN_OPTIONS)
 @click.option(
     "--probe",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -141,12 +97,7 @@ def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
 
 
 @click.command("probe")
-@click.option(
-    "--shards",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="The shard folder `mvprep build` wrote (with manifest.json).",
-)
+@SHARDS
 @click.option(
     "--model", required=True, help="'tiny', a model folder, or a folder with only config.json."
 )
@@ -157,21 +108,8 @@ def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
     show_default=True,
     help="Where to write the probe fit (JSON).",
 )
-@_dtype_choice("auto = bf16 where the GPU supports it, else fp32.")
-@click.option("--lora", is_flag=True, help="Train LoRA adapters on the LLM's projections only.")
-@click.option(
-    "--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r (alpha = 2r)."
-)
-@click.option(
-    "--freeze-vision",
-    is_flag=True,
-    help="Keep the vision encoder fixed (the merger/resampler still trains).",
-)
-@click.option(
-    "--grad-ckpt",
-    is_flag=True,
-    help="Gradient checkpointing: recompute activations in backward to save memory.",
-)
+@dtype_choice("auto = bf16 where the GPU supports it, else fp32.")
+@options(SETUP)
 @click.option(
     "--trust-remote-code", is_flag=True, help="Needed for the 2.6 family (remote-code checkpoints)."
 )

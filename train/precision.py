@@ -50,11 +50,9 @@ def bytes_per_element(name: str) -> int:
     return torch_dtype(name).itemsize
 
 
-def is_low_precision(name: str) -> bool:
-    return resolve_dtype(name) != "fp32"
-
-
-TORCH_ENGINE_FP16 = "the torch engine has no loss scaling: use --dtype bf16 or the DeepSpeed engine"
+TORCH_ENGINE_FP16 = (
+    "the torch engine has no loss scaling for fp16: use --dtype bf16 or the DeepSpeed engine"
+)
 
 
 @dataclass(frozen=True)

@@ -45,17 +45,26 @@ def run_files(output: Path) -> list[Path]:
     return sorted([*found, *output.glob(DIGESTS)])
 
 
+def resume_checkpoint(output: Path) -> tuple[int, str]:
+    """``(step, tag)`` of the newest complete checkpoint in ``output``; ValueError when
+    there is none to resume from."""
+    found = newest_checkpoint(Path(output))
+    if found is None:
+        raise ValueError(
+            f"--resume: {output} has no complete checkpoint to resume from; drop "
+            "--resume to start a new run"
+        )
+    return found
+
+
 def check_output(config: RunConfig) -> list[Path]:
     """The run files ``--overwrite`` must delete (none otherwise); raises ValueError when the
     folder holds a run and neither ``--resume`` nor ``--overwrite`` was given, or when
     ``--resume`` (outside a dry run) finds no complete checkpoint. Writes nothing."""
     output = Path(config.output)
     if config.resume:
-        if not config.dry_run and newest_checkpoint(output) is None:
-            raise ValueError(
-                f"--resume: {output} has no complete checkpoint to resume from; drop "
-                "--resume to start a new run"
-            )
+        if not config.dry_run:
+            resume_checkpoint(output)
         return []
     found = run_files(output)
     if found and not config.overwrite:

@@ -21,8 +21,9 @@ from mvshards.cost import CostModel
 from mvshards.index import load_index
 from mvshards.profiles import get_profile
 from mvshards.units import GiB
-from mvtrain.batching.epochs import EpochPlans, plan_epochs, plan_index
-from mvtrain.checkpoint import TrainState, load_checkpoint, newest_checkpoint
+from mvtrain.batching.epochs import EpochPlans, plan_epochs
+from mvtrain.batching.plan_index import PlanIndex
+from mvtrain.checkpoint import TrainState, load_checkpoint
 from mvtrain.data.lengths import exact_lengths
 from mvtrain.data.loader import default_loader_workers
 from mvtrain.deepspeed_config import load_user_config
@@ -39,7 +40,7 @@ from mvtrain.model.adapters import Adapter, adapter_for
 from mvtrain.model.setup import build_model, load_tokenizer_only, parameter_counts
 from mvtrain.precision import Precision, engine_precision
 from mvtrain.run_config import RunConfig
-from mvtrain.run_folder import check_output, clear_run_files
+from mvtrain.run_folder import check_output, clear_run_files, resume_checkpoint
 
 log = logging.getLogger("mvtrain")
 
@@ -91,7 +92,7 @@ def setup(config: RunConfig) -> Session:
     if config.token_budget is None or config.patch_budget is None:
         config, planned_peak = _auto_budgets(config, info, use_ds)
     lengths = _exact_lengths(config, index, tokenizer, profile, info, faults)
-    epochs = plan_epochs(config, plan_index(index, lengths), info, CostModel.for_profile(profile))
+    epochs = plan_epochs(config, _plan_index(index, lengths), info, CostModel.for_profile(profile))
     engine, state = _engine_and_state(config, bundle, info, device, use_ds, precision, epochs)
     session = Session(
         config=config,
@@ -199,13 +200,8 @@ def _engine_and_state(
         config_path=Path(config.output) / "deepspeed_config.json",
     )
     if config.resume:
-        found = newest_checkpoint(Path(config.output))
-        if found is None:
-            raise ValueError(
-                f"--resume: {config.output} has no complete checkpoint to resume from; drop "
-                "--resume to start a new run"
-            )
-        state = load_checkpoint(Path(config.output), found[1], engine, info)
+        _, tag = resume_checkpoint(Path(config.output))
+        state = load_checkpoint(Path(config.output), tag, engine, info)
         _keep_or_change_schedule(config, engine, state, schedule)
     return engine, state
 
@@ -232,6 +228,11 @@ def _lr_scheduler(engine: Engine) -> Any:
     if scheduler is None:
         scheduler = engine._engine.lr_scheduler  # type: ignore[attr-defined]
     return scheduler
+
+
+def _plan_index(index: Any, lengths: Any) -> PlanIndex:
+    """The index with the exact token counts and slice costs of ``lengths``."""
+    return PlanIndex.from_index(index, lengths.slices, tokens=lengths.tokens)
 
 
 def _loader_workers(config: RunConfig, device: torch.device) -> int:

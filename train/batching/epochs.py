@@ -117,15 +117,3 @@ def nothing_to_train(index: PlanIndex, plans: list[RankPlan], budgets: Budgets) 
         f"largest to {top_patches} patches: raise the budgets to at least those (see "
         "`mvprep stats` or `mvtrain plan`), or rebuild with a lower --max-res"
     )
-
-
-def plan_index(index: Any, lengths: Any) -> PlanIndex:
-    """The index with the exact token counts and 2.6 slice costs of ``lengths``."""
-    return PlanIndex.from_arrays(
-        index.keys,
-        index.shard_ids,
-        lengths.tokens,
-        index.num_patches,
-        num_shards=len(index.shards),
-        slice_table=lengths.slices,
-    )

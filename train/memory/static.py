@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mvtrain.precision import DTYPES, bytes_per_element
+from mvtrain.precision import DTYPES, bytes_per_element, engine_precision
 
 DEFAULT_REDUCE_BUCKET = 200_000_000
 """Elements in one ZeRO reduce bucket (``reduce_bucket_size`` of the generated config)."""
@@ -182,12 +182,8 @@ def torch_engine_static_memory(
     (:attr:`StaticMemory.autocast_weight_copies`). fp16 is refused: the plain engine does no
     loss scaling."""
     _check_counts(total_params, trainable_params, num_gpus)
-    w = resolved_bytes(dtype)
-    if dtype == "fp16":
-        raise ValueError(
-            "the torch engine does not do fp16 (no loss scaling): use --dtype bf16 or fp32, "
-            "or --engine deepspeed"
-        )
+    resolved_bytes(dtype)
+    autocast = engine_precision(dtype, deepspeed=False).autocast  # refuses fp16
     return StaticMemory(
         weights=4 * total_params,
         gradients=4 * trainable_params,
@@ -197,6 +193,6 @@ def torch_engine_static_memory(
         buffer_bytes=0,
         zero_stage=0,
         num_gpus=num_gpus,
-        autocast_weight_copies=w * total_params if w == 2 else 0,
+        autocast_weight_copies=bytes_per_element(autocast) * total_params if autocast else 0,
         engine="torch",
     )

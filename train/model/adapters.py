@@ -91,10 +91,6 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _device(model: Any) -> torch.device:
-    return next(_unwrap(model).parameters()).device
-
-
 def _pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
     for i, row in enumerate(rows):
