@@ -11,13 +11,14 @@ install: $(STAMP)
 
 # torch first, pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch would
 # pull a multi-GB CUDA build. pyproject.toml keeps an open range for GPU users.
-# The optional `ray` extra (mvprep build --runner ray) is installed here so that `make test`
-# runs the Ray runner's tests; a plain `pip install mvkit` stays without it.
+# The optional `ray` extra (mvprep build --runner ray) and `parquet` extra (Parquet and
+# save_to_disk input) are installed here so that `make test` runs their tests; a plain
+# `pip install mvkit` stays without them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,train,ray]'
+	$(PY) -m pip install -q -e '.[test,train,ray,parquet]'
 	touch $(STAMP)
 
 demo: install

@@ -28,10 +28,10 @@ from typing import Any
 from tqdm import tqdm
 
 from mvprep.imaging import extension_for
+from mvprep.inputs import open_inputs
 from mvprep.options import BuildOptions
 from mvprep.partition import Part, write_marker
 from mvprep.pool import RetryPolicy, UnitPool
-from mvprep.readers import open_dataset
 from mvprep.unit import WORKER_DIED, UnitSpec, plan_units, run_unit
 from mvshards.hf import write_dataset_card
 from mvshards.index import (
@@ -61,6 +61,11 @@ class BuildResult:
     worker_deaths: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
     images_this_run: int = 0
+    token_counts_exact: bool = True
+    """False when counted without a tokenizer: the counts are estimates (upper bounds)."""
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    """Per data file: name, path, records, global record range (``Inputs.describe``)."""
+    part: Part | None = None
 
     @property
     def ok(self) -> bool:
@@ -177,8 +182,8 @@ def build(
     params = options.params()
     claim_build_params(out, params)
 
-    source = open_dataset(Path(options.data_path))
-    all_specs = plan_units(source.num_records, options.samples_per_shard)
+    inputs = open_inputs(options.data_paths)
+    all_specs = plan_units(inputs.num_records, options.samples_per_shard)
     wanted = set(units) if units is not None else None
     specs = [
         s
@@ -188,7 +193,7 @@ def build(
     partial = wanted is not None or part is not None
     remove_stale_temporaries(out, [s.unit for s in specs] if partial else None)
     if part is not None:
-        write_marker(out, part, "running", source.num_records, len(all_specs))
+        write_marker(out, part, "running", inputs.num_records, len(all_specs))
 
     finished: dict[int, ShardEntry] = {}
     todo: list[UnitSpec] = []
@@ -201,6 +206,9 @@ def build(
     skipped = sorted(finished)
 
     result = BuildResult(out, [], [], skipped, {})
+    result.token_counts_exact = options.tokenizer is not None
+    result.inputs = inputs.describe()
+    result.part = part
     records_todo = sum(s.stop - s.start for s in todo)
     bar = tqdm(
         total=records_todo,
@@ -263,7 +271,7 @@ def build(
     if part is not None:
         state = "failed" if result.failed_units else "done"
         failed = list(result.failed_units)
-        write_marker(out, part, state, source.num_records, len(all_specs), failed)
+        write_marker(out, part, state, inputs.num_records, len(all_specs), failed)
     result.wall_seconds = time.perf_counter() - started
     return result
 

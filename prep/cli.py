@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from mvshards.command_line import expected_classes, png_callback, run_cli
 from mvshards.profiles import DEFAULT_PROFILE, PROFILES
 
 PROFILE_CHOICE = click.Choice(sorted(PROFILES))
@@ -24,7 +25,10 @@ def available_cpus() -> int:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Preprocess MiniCPM-V fine-tuning data into annotated WebDataset shards."""
+    """Preprocess MiniCPM-V fine-tuning data into annotated WebDataset shards.
+
+    A failure you can act on is one line on stderr; add --debug anywhere on the command line
+    (or set MVKIT_DEBUG=1) for its traceback."""
 
 
 PROFILE = click.option(
@@ -38,7 +42,7 @@ PROFILE = click.option(
 
 
 @main.command("build")
-@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
 )
@@ -86,7 +90,13 @@ PROFILE = click.option(
     default=None,
     help="Local HF tokenizer folder: exact token counts.",
 )
-@click.option("--max-tokens", type=int, default=None, help="Reject samples longer than this.")
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Reject samples longer than this. Without --tokenizer it applies to the estimate, an "
+    "upper bound: a sample may be rejected that is in fact short enough.",
+)
 @click.option(
     "--max-pixels",
     type=int,
@@ -129,9 +139,26 @@ PROFILE = click.option(
     help="Build only part I of N (1-based; units u with u % N == I-1), e.g. one Slurm array "
     "task: --part $SLURM_ARRAY_TASK_ID/N. Then run mvprep merge OUT.",
 )
+@click.option(
+    "--max-reject-rate",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    metavar="R",
+    help="Fail (exit 1) when more than this fraction of the records is rejected, e.g. 0.05 "
+    "(default: off; a build that rejects every record always fails).",
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["auto", "minicpmv", "llava", "messages", "sharegpt", "parquet", "hf-disk"]),
+    default="auto",
+    show_default=True,
+    help="auto: file type and record shape detected (shape per record); a shape (minicpmv, "
+    "llava, messages, sharegpt) is required of every record; parquet/hf-disk (a "
+    "datasets.save_to_disk folder) require that file type (pip install 'mvkit[parquet]').",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build_command(
-    data: Path,
+    data: tuple[Path, ...],
     out_dir: Path,
     profile: str,
     max_res: int | None,
@@ -149,23 +176,35 @@ def build_command(
     runner: str,
     ray_address: str | None,
     part_text: str | None,
+    max_reject_rate: float | None,
+    input_format: str,
     no_progress: bool,
 ) -> None:
-    """Build shards from DATA (MiniCPM-V JSON/JSONL or LLaVA-style)."""
+    """Build shards from DATA files (JSON/JSONL in the MiniCPM-V, LLaVA, messages+images or
+    ShareGPT+images shape, Parquet files, datasets.save_to_disk folders; several files, in
+    any mix of formats, are read as one sequence of records in the order given).
+
+    Keys are the record's position in that sequence (000000042), so a file's keys depend only
+    on the files before it; with several files each sample's JSON and each reject also say
+    where the record came from ("source": {"file": "b.jsonl", "index": 12}). Image paths are
+    relative to each record's own data file's folder.
+
+    Without --tokenizer token counts are an estimate that is an upper bound for the profile's
+    tokenizer family, and everything computed from them says "estimated, upper bound"."""
     from mvprep.build import build
     from mvprep.options import BuildOptions
     from mvprep.partition import parse_part
     from mvprep.pool import RetryPolicy
-    from mvprep.readers import DatasetError
+    from mvprep.readers import DatasetError, check_input_format
     from mvprep.runners.ray_runner import RayUnavailableError  # does not import ray
-    from mvprep.summary import format_summary
+    from mvprep.summary import format_summary, reject_failure
     from mvshards.index import DatasetIndexError
 
     if max_res is None and max_slice_nums is None:
         max_res = 1344
     try:
         options = BuildOptions(
-            data_path=data,
+            data_path=tuple(data),
             out_dir=out_dir,
             profile=profile,
             max_res=max_res,
@@ -178,6 +217,7 @@ def build_command(
             samples_per_shard=samples_per_shard,
             allow_outside_root=allow_outside_root,
             image_id_form=image_id_form,  # type: ignore[arg-type]
+            input_format=input_format,
         )
         part = parse_part(part_text) if part_text is not None else None
     except ValueError as exc:
@@ -185,6 +225,8 @@ def build_command(
     if ray_address is not None and runner != "ray":
         raise click.UsageError("--ray-address needs --runner ray")
     try:
+        for path in data:
+            check_input_format(path, input_format)
         result = build(
             options,
             workers=workers,
@@ -199,13 +241,16 @@ def build_command(
     except ConnectionError as exc:  # Ray could not reach --ray-address
         raise click.ClickException(f"--ray-address {ray_address}: {exc}") from None
     click.echo(format_summary(result))
-    if part is not None and result.ok:
-        click.echo(f"part {part} done; when every part is done: mvprep merge {out_dir}")
     if not result.ok:
         click.echo(
             "some units failed; fix the cause above and re-run the same command to finish", err=True
         )
         sys.exit(1)
+    problem = reject_failure(result, max_reject_rate)
+    if problem is not None:
+        raise click.ClickException(problem)
+    if part is not None:
+        click.echo(f"part {part} done; when every part is done: mvprep merge {out_dir}")
 
 
 @main.command("merge")
@@ -301,19 +346,47 @@ def verify_command(out_dir: Path) -> None:
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--png",
+    callback=png_callback,
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Also draw token/patch histograms and their 2-D histogram to this PNG.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, not the table.")
-def stats_command(out_dir: Path, png: Path | None, as_json: bool) -> None:
-    """Counts, rejects and percentiles of a built dataset, from its index alone."""
-    from mvprep.stats import dataset_stats, format_stats, load_index_arrays
+@click.option(
+    "--lengths",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    metavar="RUN_OUT/cache",
+    help="Exact token counts from a mvtrain run's length cache (the run's output folder, its "
+    "cache/ folder or the cache file) for these shards.",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Exact token counts by tokenizing every sample's text with this local HF tokenizer "
+    "folder (reads the shards' JSON, no image; what build --tokenizer would have counted).",
+)
+def stats_command(
+    out_dir: Path, png: Path | None, as_json: bool, lengths: Path | None, tokenizer: Path | None
+) -> None:
+    """Counts, rejects and percentiles of a built dataset, from its index alone.
+
+    Token numbers and the --token-budget suggestions are exact when the build ran with
+    --tokenizer, or with --lengths / --tokenizer here; otherwise they come from the build's
+    estimate, an upper bound of the exact counts, and are labelled "estimated, upper bound"
+    (budgets that hold every sample, but larger than needed)."""
+    from mvprep.stats import dataset_stats, format_stats, load_index_arrays, use_exact_tokens
+    from mvprep.tokens import TokenizerError
     from mvshards.index import DatasetIndexError
 
+    if lengths is not None and tokenizer is not None:
+        raise click.UsageError("give --lengths or --tokenizer, not both")
     try:
         arrays = load_index_arrays(out_dir)
-    except DatasetIndexError as exc:
+        if lengths is not None or tokenizer is not None:
+            use_exact_tokens(arrays, lengths=lengths, tokenizer=tokenizer)
+    except (DatasetIndexError, TokenizerError) as exc:
         raise click.ClickException(str(exc)) from None
     stats = dataset_stats(arrays)
     if png is not None:
@@ -334,6 +407,7 @@ def stats_command(out_dir: Path, png: Path | None, as_json: bool) -> None:
 @click.option("--id", "record_id", default=None, help="Find the sample by its record id.")
 @click.option(
     "--png",
+    callback=png_callback,
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Where to draw it (default: inspect-KEY.png in the current folder).",
@@ -377,10 +451,13 @@ def inspect_command(
     png.parent.mkdir(parents=True, exist_ok=True)
     found.image.save(png)
     meta = found.meta
+    counted = "exact" if meta.token_count_exact else "estimated, upper bound"
+    origin = ""
+    if meta.source is not None:
+        origin = f" from {meta.source.get('file')} record {meta.source.get('index')}"
     click.echo(
-        f"sample {meta.key} (id {meta.id!r}) in {found.shard.name}: images {len(meta.images)}, "
-        f"{meta.num_tokens} tokens ({'exact' if meta.token_count_exact else 'estimated'}), "
-        f"{meta.num_patches} patches"
+        f"sample {meta.key} (id {meta.id!r}{origin}) in {found.shard.name}: images "
+        f"{len(meta.images)}, {meta.num_tokens} tokens ({counted}), {meta.num_patches} patches"
     )
     for problem in found.problems:
         click.echo(f"LAYOUT PROBLEM: {problem}", err=True)
@@ -393,5 +470,22 @@ def inspect_command(
         sys.exit(1)
 
 
+IS_EXPECTED = expected_classes(
+    "builtins:ValueError",
+    "builtins:FileNotFoundError",
+    "mvshards.index:DatasetIndexError",
+    "mvprep.readers:DatasetError",
+    "mvprep.tokens:TokenizerError",
+    "mvprep.inspect_sample:InspectError",
+    "mvprep.runners.ray_runner:RayUnavailableError",
+)
+"""The failures a user can act on: one line, no traceback."""
+
+
+def entry() -> None:
+    """The ``mvprep`` console command: :data:`main` with one-line failures."""
+    run_cli(main, "mvprep", IS_EXPECTED)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

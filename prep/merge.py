@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from mvprep.build import finish_dataset, unit_is_finished
+from mvprep.inputs import open_inputs
 from mvprep.partition import part_of, read_markers
-from mvprep.readers import DatasetError, open_dataset
+from mvprep.readers import DatasetError
 from mvprep.unit import UnitSpec, plan_units
 from mvshards.index import (
     DatasetIndexError,
@@ -86,7 +87,7 @@ def _looks_finished(out: Path, spec: UnitSpec) -> ShardEntry | None:
 
 
 def _num_records(out: Path, params: dict[str, Any], markers: list[dict[str, Any]]) -> int:
-    """The record count the parts planned with (from their markers), else the data file's."""
+    """The record count the parts planned with (from their markers), else the data files'."""
     counts = {int(m["num_records"]) for m in markers if "num_records" in m}
     if len(counts) > 1:
         raise MergeIncompleteError(
@@ -96,8 +97,9 @@ def _num_records(out: Path, params: dict[str, Any], markers: list[dict[str, Any]
     if counts:
         return counts.pop()
     try:
-        return open_dataset(Path(params["data_path"])).num_records
-    except DatasetError as exc:
+        data = params["data_path"]  # one path, or a list of them (several data files)
+        return open_inputs(data if isinstance(data, list) else [data]).num_records
+    except (DatasetError, ValueError) as exc:
         raise IndexMissingError(
             f"cannot plan the units of {out}: no part markers in {out}/parts and the data file "
             f"cannot be read ({exc})"

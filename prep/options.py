@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mvprep.inputs import check_distinct
+from mvprep.records import INPUT_FORMATS
 from mvshards.layout import max_slice_nums_for_res
 from mvshards.profiles import DEFAULT_PROFILE, ImageIdForm, get_profile
 
@@ -20,7 +22,8 @@ class BuildOptions:
     build runs, never what it writes.
     """
 
-    data_path: Path
+    data_path: Path | tuple[Path, ...]
+    """The data file, or several (a tuple; one sequence of records, see :mod:`mvprep.inputs`)."""
     out_dir: Path
     profile: str = DEFAULT_PROFILE
     max_res: int | None = 1344
@@ -33,8 +36,18 @@ class BuildOptions:
     samples_per_shard: int = 1000
     allow_outside_root: bool = False
     image_id_form: ImageIdForm | None = None
+    input_format: str = "auto"
+    """``--input-format`` (:data:`mvprep.records.INPUT_FORMATS`); ``auto`` is left out of
+    ``params()``, so builds that do not set it keep their ``build.json``."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.data_path, list | tuple):
+            paths = tuple(Path(p) for p in self.data_path)
+            if not paths:
+                raise ValueError("give at least one data file")
+            check_distinct(paths)
+            # one file is stored as a plain path: its build.json is what it always was
+            object.__setattr__(self, "data_path", paths[0] if len(paths) == 1 else paths)
         get_profile(self.profile)
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"--format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
@@ -45,6 +58,15 @@ class BuildOptions:
         if self.max_res is not None and self.max_slice_nums is not None:
             raise ValueError("give --max-res or --max-slice-nums, not both")
         self.resolved_max_slice_nums  # noqa: B018 - validates max_res
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"--input-format must be one of {INPUT_FORMATS}")
+
+    @property
+    def data_paths(self) -> tuple[Path, ...]:
+        """The data files, in order (one or several)."""
+        if isinstance(self.data_path, tuple):
+            return self.data_path
+        return (Path(self.data_path),)
 
     @property
     def resolved_max_slice_nums(self) -> int:
@@ -61,10 +83,13 @@ class BuildOptions:
     def params(self) -> dict[str, Any]:
         """The parameters recorded in ``build.json`` and the manifest (paths as strings)."""
         raw = asdict(self)
-        raw["data_path"] = str(Path(self.data_path).resolve())
+        files = [str(Path(p).resolve()) for p in self.data_paths]
+        raw["data_path"] = files[0] if len(files) == 1 else files
         raw.pop("out_dir")
         raw["max_slice_nums"] = self.resolved_max_slice_nums
         raw["image_id_form"] = self.resolved_image_id_form
         raw["tokenizer"] = str(Path(self.tokenizer).resolve()) if self.tokenizer else None
         raw["quality"] = None if self.image_format == "png" else self.quality  # PNG: unused
+        if raw["input_format"] == "auto":
+            raw.pop("input_format")
         return raw

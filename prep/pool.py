@@ -15,7 +15,6 @@ record to blame (``unit_deaths`` times) ends with all its records rejected by th
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -28,8 +27,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from mvprep.unit import UnitEvents, UnitSpec
-
-_PR_SET_PDEATHSIG = 1
+from mvshards.processes import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -54,21 +52,10 @@ class UnitOutcome:
     """True when the unit kept killing its workers and the pool stopped retrying it."""
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the parent dies (a kill -9 of the build must
-    not leave orphans writing into the output folder)."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def _worker_main(
     conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...], ppid: int
 ) -> None:
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != ppid:  # the parent died before prctl took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about Ctrl-C

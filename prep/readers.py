@@ -25,12 +25,17 @@ it runs, forked workers inherit the parent's index, and other processes can be h
 Any other extension is sniffed: a file whose first non-blank character is ``[`` is JSON,
 ``{`` is JSONL. Problems that make the whole file unusable (missing, empty, not a list, not
 valid JSON) raise :class:`DatasetError`; a bad record never does.
+
+Parquet files (``.parquet``, or starting with ``PAR1``) and ``datasets.save_to_disk``
+folders (a folder with ``state.json``) are read by :mod:`mvprep.arrow_sources` (pyarrow, the
+``parquet`` extra), rows addressed by position the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -43,12 +48,13 @@ import numpy as np
 from mvprep.json_index import JsonListError, index_json_list, read_elements
 from mvprep.records import MALFORMED, RecordError, json_type_name
 
-DatasetFormat = Literal["json", "jsonl"]
+DatasetFormat = Literal["json", "jsonl", "parquet", "hf-disk"]
 Offsets = array | np.ndarray
 """``array('q')`` as indexed here, or an int64 numpy view handed over by another process."""
 RawRecord = dict[str, Any] | RecordError
 """What ``read_range`` yields per index: the raw record object, or why it is unreadable."""
 _BOM = b"\xef\xbb\xbf"
+_PARQUET_MAGIC = b"PAR1"
 _SNIFF_BYTES = 4096
 
 
@@ -60,8 +66,9 @@ class DatasetSource:
     """An opened dataset file.
 
     ``path`` is the data file, ``root`` its folder (image paths are relative to it),
-    ``num_records`` the number of records, ``format`` ``"json"`` or ``"jsonl"``,
-    ``offsets`` the byte offsets of the records (see the subclasses).
+    ``num_records`` the number of records, ``format`` ``"json"``, ``"jsonl"``, ``"parquet"``
+    or ``"hf-disk"``, ``offsets`` where the records start: byte offsets, or the first rows
+    of Parquet row groups / Arrow files (see the subclasses).
     """
 
     path: Path
@@ -146,16 +153,49 @@ class JsonLinesSource(DatasetSource):
 
 
 def open_dataset(path: Path | str) -> DatasetSource:
-    """Open a dataset file (JSON list or JSON Lines; see the module docstring)."""
+    """Open a dataset file (JSON list, JSON Lines, Parquet) or a ``datasets.save_to_disk``
+    folder; see the module docstring."""
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"dataset file {path} not found; check the path")
-    if not path.is_file():
-        raise DatasetError(f"dataset path {path} is not a file; give the .json or .jsonl file")
-    fmt = _detect_format(path)
+    fmt = detect_format(path)
     if fmt == "json":
         return JsonListSource(path)
-    return JsonLinesSource(path)
+    if fmt == "jsonl":
+        return JsonLinesSource(path)
+    from mvprep.arrow_sources import ArrowFolderSource, ParquetSource  # imports this module
+
+    if fmt == "parquet":
+        return ParquetSource(path)
+    return ArrowFolderSource(path)
+
+
+def detect_format(path: Path) -> DatasetFormat:
+    """How ``path`` is read: ``json``, ``jsonl``, ``parquet`` or ``hf-disk``."""
+    if not path.exists():
+        raise DatasetError(f"dataset file {path} not found; check the path")
+    if path.is_dir():
+        if (path / "state.json").is_file():
+            return "hf-disk"
+        raise DatasetError(
+            f"dataset path {path} is not a file or a datasets.save_to_disk folder (no "
+            "state.json); give the .json, .jsonl or .parquet file"
+        )
+    if not path.is_file():
+        raise DatasetError(f"dataset path {path} is not a file; give the .json or .jsonl file")
+    return _detect_format(path)
+
+
+def check_input_format(path: Path | str, input_format: str) -> None:
+    """DatasetError when ``--input-format`` names a container (``parquet``, ``hf-disk``)
+    that ``path`` is not; record shapes are checked per record."""
+    if input_format not in ("parquet", "hf-disk"):
+        return
+    found = detect_format(Path(path))
+    if found != input_format:
+        raise DatasetError(
+            f"--input-format {input_format}, but {path} is read as {found}; give a "
+            f"{'.parquet file' if input_format == 'parquet' else 'save_to_disk folder'} "
+            "or --input-format auto"
+        )
 
 
 def _detect_format(path: Path) -> DatasetFormat:
@@ -164,8 +204,12 @@ def _detect_format(path: Path) -> DatasetFormat:
         return "json"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
+    if head.startswith(_PARQUET_MAGIC):
+        return "parquet"
     head = head.removeprefix(_BOM).lstrip()
     if not head:
         raise DatasetError(f"dataset file {path} is empty; it must hold records")
@@ -278,5 +322,16 @@ def _not_an_object(obj: Any, index: int, path: Path, where: str) -> RecordError:
 
 
 def _stamp(path: Path) -> tuple[int, int]:
+    """Size and mtime of a file; of a folder (save_to_disk), the total size of its files and
+    the latest mtime, so rewriting a file in it counts as a change."""
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size, st.st_mtime_ns
+    size, mtime = 0, st.st_mtime_ns
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.is_file():
+                est = entry.stat()
+                size += est.st_size
+                mtime = max(mtime, est.st_mtime_ns)
+    return size, mtime

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,9 +100,11 @@ def build_sample(
     options: BuildOptions,
     counter: TokenCounter,
     on_image: Callable[[], None] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> BuiltSample:
     """Turn one normalised record into a sample, or raise the error that rejects it.
 
+    ``source`` (several data files: ``{"file", "index"}``) is stored in the sample's JSON.
     Raises ``RecordError`` (bad record or path), ``ImageError`` (bad image) or
     ``SampleTooLongError``. Cheap checks (headers, layouts, token counts) run before any
     image is decoded, so an over-long sample costs no decode.
@@ -113,9 +116,11 @@ def build_sample(
 
     probed: list[_ProbedImage] = []
     for name, path in record.images:
-        file_path = resolve_image_path(root, path, options.allow_outside_root)
+        data = record.embedded.get(path)  # given as bytes: ``path`` is their label
+        if data is None:
+            file_path = resolve_image_path(root, path, options.allow_outside_root)
         with _naming(path):
-            data = read_image_bytes(file_path)
+            data = read_image_bytes(file_path) if data is None else data
             digest = hashlib.sha256(data).hexdigest()
             header = probe_image(data, max_pixels=max_pixels, name=path)
         layout = compute_layout(header.size[0], header.size[1], profile, max_slices)
@@ -183,6 +188,7 @@ def build_sample(
         num_text_tokens=num_text_tokens,
         token_count_exact=counter.exact,
         image_names=image_names,
+        source=source,
     )
     members[f"{key}.json"] = json.dumps(
         meta.to_json(), ensure_ascii=False, sort_keys=True, separators=(",", ":")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mvprep.tokens import ESTIMATE_LABEL
 from mvshards.cost import CostModel, CostTotals
 from mvshards.image_table import (
     ImageColumns,
@@ -38,6 +39,7 @@ from mvshards.image_table import (
 )
 from mvshards.index import IndexMissingError, entry_path, read_manifest
 from mvshards.profiles import DEFAULT_PROFILE, get_profile
+from mvshards.schema import SampleMeta
 from mvshards.units import nearest_rank
 
 PERCENTILES = (50, 90, 99)
@@ -58,10 +60,27 @@ class IndexArrays:
     """The per-image table over all images; None when a shard lacks it."""
     missing_image_table: list[str] = field(default_factory=list)
     """Entry files without a usable image table (built by an older mvprep)."""
+    token_source: str | None = None
+    """Where ``tokens`` came from when not from the index: exact counts from a trainer's
+    length cache or a tokenizer (:func:`use_exact_tokens`)."""
 
     @property
     def params(self) -> dict[str, Any]:
         return self.manifest.get("params", {})
+
+    @property
+    def tokens_exact(self) -> bool:
+        """True when ``tokens`` are exact counts (index built with --tokenizer, or replaced)."""
+        return self.token_source is not None or self.params.get("tokenizer") is not None
+
+    @property
+    def token_label(self) -> str:
+        """How token numbers are labelled: ``exact (...)`` or ``estimated, upper bound``."""
+        if self.token_source is not None:
+            return f"exact, {self.token_source}"
+        if self.params.get("tokenizer") is not None:
+            return "exact, index built with --tokenizer"
+        return ESTIMATE_LABEL
 
 
 def load_index_arrays(out: Path) -> IndexArrays:
@@ -106,6 +125,76 @@ def load_index_arrays(out: Path) -> IndexArrays:
         image_columns=columns,
         missing_image_table=missing,
     )
+
+
+class ExactTokensError(IndexMissingError):
+    """Exact counts were asked for but cannot be had (one line, naming the file and the fix)."""
+
+
+def use_exact_tokens(
+    arrays: IndexArrays, lengths: Path | None = None, tokenizer: Path | None = None
+) -> None:
+    """Replace ``arrays.tokens`` with exact counts: from a trainer run's length cache
+    (``lengths``: the cache file, the run's ``cache/`` folder or the run's output folder;
+    :mod:`mvshards.lengths_cache`), else by tokenizing every sample's text with ``tokenizer``
+    (the JSON members of the shards are read, no image), as ``mvprep build --tokenizer``
+    would have counted."""
+    from mvshards.index import load_index
+    from mvshards.lengths_cache import (
+        cache_dataset,
+        dataset_hash,
+        find_lengths_caches,
+        read_lengths_cache,
+    )
+
+    index = load_index(arrays.out)
+    if lengths is not None:
+        mine = dataset_hash(s.sha256 for s in index.shards)
+        found = find_lengths_caches(Path(lengths), mine)
+        if not found:
+            raise ExactTokensError(
+                f"no exact-length cache of {arrays.out} in {lengths}: mvtrain writes one into "
+                "OUT/cache/ when it trains on these shards; give that folder, or --tokenizer"
+            )
+        path = found[-1]
+        if cache_dataset(path) not in (None, mine):
+            raise ExactTokensError(
+                f"{path} is the length cache of another build (its shards differ from "
+                f"{arrays.out}'s); give the cache of a run on these shards, or --tokenizer"
+            )
+        try:
+            cache = read_lengths_cache(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ExactTokensError(f"{path} is not a length cache ({exc})") from None
+        if len(cache.tokens) != len(index):
+            raise ExactTokensError(
+                f"{path} holds {len(cache.tokens)} lengths but {arrays.out} has {len(index)} "
+                "samples; give the cache of a run on these shards, or --tokenizer"
+            )
+        arrays.tokens = cache.tokens
+        arrays.token_source = f"trainer cache {path}"
+        return
+    if tokenizer is None:
+        return
+    import tarfile
+
+    from mvprep.tokens import HFTokenCounter
+
+    counter = HFTokenCounter(tokenizer)
+    position = {str(key): i for i, key in enumerate(index.keys.tolist())}
+    tokens = np.asarray(index.num_tokens, dtype=np.int64).copy()
+    for shard in index.shard_paths():
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not (member.isfile() and member.name.endswith(".json")):
+                    continue
+                handle = tar.extractfile(member)
+                assert handle is not None
+                meta = SampleMeta.from_json(json.loads(handle.read()))
+                text = counter.count_text_tokens(meta.conversations, meta.image_names)
+                tokens[position[meta.key]] = text + meta.num_image_tokens
+    arrays.tokens = tokens
+    arrays.token_source = f"counted with the tokenizer {tokenizer}"
 
 
 def percentiles(values: Sequence[float] | np.ndarray) -> dict[str, float | int | None]:
@@ -179,11 +268,18 @@ def dataset_stats(arrays: IndexArrays) -> dict[str, Any]:
     budgets["note"] = (
         "a micro-batch holding one sample alone; mvtrain skips samples over either budget"
     )
+    if not arrays.tokens_exact:
+        notes.append(
+            "token counts are estimates, upper bounds of the exact ones (no --tokenizer at "
+            "build time), so the token budgets are safe but larger than needed; exact: "
+            "mvprep stats DIR --tokenizer PATH, or --lengths RUN_OUT/cache after a mvtrain run"
+        )
     return {
         "dataset": str(arrays.out),
         "profile": profile,
         "params": {k: arrays.params.get(k) for k in ("max_res", "max_slice_nums", "tokenizer")},
-        "token_counts_exact": arrays.params.get("tokenizer") is not None,
+        "token_counts_exact": arrays.tokens_exact,
+        "token_counts": arrays.token_label,
         "counts": counts,
         "rejects_by_reason": dict(sorted(totals.get("rejects_by_reason", {}).items())),
         "percentiles": dists,
@@ -205,7 +301,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     c = stats["counts"]
     lines = [
         f"dataset {stats['dataset']}  (profile {stats['profile']}, "
-        f"token counts {'exact' if stats['token_counts_exact'] else 'estimated'})",
+        f"token counts {stats['token_counts']})",
         f"records {_fmt(c['records'])}  samples {_fmt(c['samples'])}  rejects "
         f"{_fmt(c['rejects'])}  shards {_fmt(c['shards'])}  {c['bytes'] / 1e9:.3f} GB",
         f"images {_fmt(c['images'])}  sliced {_fmt(c['sliced_images'])}  text-only samples "
@@ -216,15 +312,16 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines += [f"  {n:>8,}  {r}" for r, n in stats["rejects_by_reason"].items()]
     width = max(len(k) for k in stats["percentiles"])
     lines.append(f"{'':{width}}  {'p50':>10} {'p90':>10} {'p99':>10} {'max':>10}")
+    estimated = "" if stats["token_counts_exact"] else f" ({ESTIMATE_LABEL})"
     for name, p in stats["percentiles"].items():
         cells = " ".join(f"{_fmt(p[k]):>10}" for k in ("p50", "p90", "p99", "max"))
-        lines.append(f"{name:{width}}  {cells}")
+        lines.append(f"{name:{width}}  {cells}" + (estimated if name.startswith("tokens") else ""))
     b = stats["budgets"]
     for name in ("p99", "max"):
         tokens, patches = (str(b[name][k]).replace("None", "-") for k in _BUDGET_KEYS)
         lines.append(
             f"budgets holding the {name} sample ({b['cost_model']} cost): "
-            f"--token-budget {tokens} --patch-budget {patches}"
+            f"--token-budget {tokens}{estimated} --patch-budget {patches}"
         )
     lines += [f"note: {n}" for n in stats["notes"]]
     return "\n".join(lines)

@@ -6,9 +6,11 @@ token of the chat-templated conversation *outside* the image spans, including th
 role markers and the newlines the placeholder rules add around spans.
 
 * :class:`HFTokenCounter` (``--tokenizer PATH``): exact. See its docstring for why.
-* :class:`EstimateTokenCounter` (no tokenizer): an estimate, flagged ``exact = False`` so
-  the shard says ``token_count_exact: false``; the trainer tokenizes every sample anyway
-  and uses its own exact length.
+* :class:`EstimateTokenCounter` (no tokenizer): an estimate that is an upper bound for the
+  profile's tokenizer family (byte-level BPE: at most one token per byte), flagged
+  ``exact = False`` so the shard says ``token_count_exact: false``; everything computed from
+  it is labelled "estimated, upper bound" (build summary, ``mvprep stats``, ``inspect``).
+  The trainer tokenizes every sample anyway and uses its own exact length.
 
 Workers call :func:`make_token_counter` once per process; it caches the counter.
 """
@@ -16,13 +18,14 @@ Workers call :func:`make_token_counter` once per process; it caches the counter.
 from __future__ import annotations
 
 import hashlib
-import math
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from mvprep.records import RecordError
 from mvshards.conversation import expand_placeholders, image_markers, split_at_markers
+from mvshards.profiles import DEFAULT_PROFILE, get_profile
 
 CHAT_TEMPLATE_ERROR = "chat template error"
 """Reject reason when the tokenizer's chat template refuses a record's conversation."""
@@ -141,63 +144,120 @@ class HFTokenCounter:
 
 
 class EstimateTokenCounter:
-    """A tokenizer-free estimate of the text tokens (``exact = False``).
+    """A tokenizer-free upper bound of the text tokens (``exact = False``).
 
-    Rule, per turn of the conversation with image placeholders expanded by the official
-    rules and the image spans then removed:
+    MiniCPM-V's language models (the 2.6 family: Qwen2; the 4.6 family: Qwen3) use byte-level
+    BPE tokenizers, and every token of a byte-level BPE stands for at least one byte of
+    (NFC-normalised) UTF-8 text, while special tokens (``<|im_start|>``, ``<|im_end|>``) are
+    one token each. So, with image placeholders expanded by the official rules and the image
+    spans removed, the chat-templated text has at most
 
-    ``TURN_OVERHEAD + ceil(ascii_chars / 4) + non_ascii_chars``
+    ``per turn: 2 + bytes(role + "\\n" + content) + 1``  (ChatML:
+    ``<|im_start|>role\\n ... <|im_end|>\\n``)
 
-    * ``TURN_OVERHEAD = 5``: a Qwen-style template wraps each turn as
-      ``<|im_start|>role\\n ... <|im_end|>\\n`` (start, role, newline, end, newline).
-    * about 4 ASCII characters per token: the usual rate of English text under a 150k
-      byte-level BPE (code and digits run denser, so this undercounts them).
-    * one token per non-ASCII character: about right for Chinese and Japanese; generous
-      for accented Latin text.
+    plus what the profile's real template may add: the 2.6 family's default system prompt
+    (``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n``, 38) and, for the 4.6
+    family, an empty thinking block in front of each answer (``<think>\\n\\n</think>\\n\\n``,
+    19 per assistant turn). That holds for any text in any language, and for any byte-level
+    BPE vocabulary, however small.
 
-    A system prompt the real template may add is not counted. Use it for planning only: the
-    trainer tokenizes every sample and works with the exact length.
+    Margin, measured on the demo set (``python scripts/estimate_margin.py``: its 55 valid
+    records, exact counts from the tiny test tokenizer ``mvshards.tiny_tokenizer``, a byte-level
+    BPE with only ~770 merges, so a *weak* compressor; the test suite checks the bound on the
+    demo and test sets and on random conversations):
+
+    ========  ========================  ==========================================
+    profile   text tokens: mean / max   whole sample (text + image): mean / max
+    ========  ========================  ==========================================
+    4.6       2.09x / 2.91x             1.33x / 2.55x (1.15x / 2.55x for 4.6-4x)
+    2.6       2.38x / 3.77x             1.43x / 3.41x
+    ========  ========================  ==========================================
+
+    (the 2.6 bound also counts the default system prompt; the tiny template has none, so
+    the 2.6 numbers there overstate its margin by 38 tokens a sample). Against a real
+    150k-vocabulary tokenizer, which packs about 4 bytes of English (about 1.5 of Chinese)
+    into a token, the text part is 2-4x the real count; the image tokens, the bulk of most
+    samples, are exact either way, and the largest whole-sample ratios are text-only samples.
+    For exact counts: ``mvprep build --tokenizer PATH``, or afterwards
+    ``mvprep stats DIR --tokenizer PATH`` (or ``--lengths`` with a trainer run's cache).
     """
 
     exact = False
-    TURN_OVERHEAD = 5
-    ASCII_CHARS_PER_TOKEN = 4
+    TURN_SPECIALS = 2
+    """``<|im_start|>`` and ``<|im_end|>``."""
+    TURN_TAIL_BYTES = 1
+    """The newline after ``<|im_end|>``."""
+    DEFAULT_SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    EMPTY_THINK_BLOCK = "<think>\n\n</think>\n\n"
+
+    def __init__(self, profile: str | None = None) -> None:
+        family = get_profile(profile or DEFAULT_PROFILE).family.name
+        self.profile = profile or DEFAULT_PROFILE
+        self.extra_per_sample = (
+            self.TURN_SPECIALS + utf8_bytes("system\nYou are a helpful assistant.") + 1
+            if family == "2.6"
+            else 0
+        )
+        self.extra_per_answer = utf8_bytes(self.EMPTY_THINK_BLOCK) if family == "4.6" else 0
 
     def count_text_tokens(
         self, conversations: Sequence[dict[str, str]], image_names: Sequence[str]
     ) -> int:
         markers = image_markers(len(image_names))
         expanded = expand_placeholders(conversations, image_names, markers)
-        total = 0
+        total = self.extra_per_sample
         for turn in expanded:
             text = turn["content"]
             for marker in markers:
                 text = text.replace(marker, "")
-            total += self.TURN_OVERHEAD + estimate_text_tokens(text)
+            total += self.TURN_SPECIALS + utf8_bytes(f"{turn['role']}\n{text}")
+            total += self.TURN_TAIL_BYTES
+            if turn["role"] == "assistant":
+                total += self.extra_per_answer
         return total
 
     def info(self) -> dict[str, Any]:
         return {
             "kind": "estimate",
-            "rule": "per turn 5 + ceil(ascii_chars / 4) + non_ascii_chars",
+            "bound": "upper",
+            "rule": "per turn 3 + utf8_bytes(role + newline + content); "
+            f"+{self.extra_per_sample} per sample, +{self.extra_per_answer} per answer "
+            f"({self.profile})",
         }
 
 
+ESTIMATE_LABEL = "estimated, upper bound"
+"""How output computed from estimated counts is labelled."""
+
+
+def utf8_bytes(text: str) -> int:
+    """UTF-8 bytes of ``text``, or of its NFC form when that is longer (tokenizers of the
+    family normalise to NFC first): a bound on its byte-level BPE tokens."""
+    raw = len(text.encode("utf-8", "surrogatepass"))
+    if text.isascii():
+        return raw
+    nfc = unicodedata.normalize("NFC", text)
+    return max(raw, len(nfc.encode("utf-8", "surrogatepass")))
+
+
 def estimate_text_tokens(text: str) -> int:
-    """``ceil(ascii_chars / 4) + non_ascii_chars`` (see :class:`EstimateTokenCounter`)."""
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    non_ascii = len(text) - ascii_chars
-    return math.ceil(ascii_chars / EstimateTokenCounter.ASCII_CHARS_PER_TOKEN) + non_ascii
+    """The bound on the tokens of ``text`` alone: its UTF-8 bytes (see
+    :class:`EstimateTokenCounter`)."""
+    return utf8_bytes(text)
 
 
-_COUNTERS: dict[str | None, TokenCounter] = {}
+_COUNTERS: dict[tuple[str | None, str | None], TokenCounter] = {}
 
 
-def make_token_counter(tokenizer_path: str | Path | None) -> TokenCounter:
-    """The counter for ``tokenizer_path`` (None: the estimate), built once per process."""
-    key = None if tokenizer_path is None else str(Path(tokenizer_path).resolve())
+def make_token_counter(
+    tokenizer_path: str | Path | None, profile: str | None = None
+) -> TokenCounter:
+    """The counter for ``tokenizer_path`` (None: the estimate for ``profile``'s tokenizer
+    family, default the default profile), built once per process."""
+    path = None if tokenizer_path is None else str(Path(tokenizer_path).resolve())
+    key = (path, None if path is not None else (profile or DEFAULT_PROFILE))
     counter = _COUNTERS.get(key)
     if counter is None:
-        counter = EstimateTokenCounter() if key is None else HFTokenCounter(key)
+        counter = EstimateTokenCounter(profile) if path is None else HFTokenCounter(path)
         _COUNTERS[key] = counter
     return counter

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mvprep.imaging import ImageError
+from mvprep.inputs import open_inputs
 from mvprep.options import BuildOptions
-from mvprep.readers import open_dataset
 from mvprep.records import RecordError, normalize_record
 from mvprep.sample_builder import SampleTooLongError, build_sample
 from mvprep.tokens import make_token_counter
@@ -79,8 +79,18 @@ class UnitEvents:
     on_record_done: Callable[[], None] = lambda: None
 
 
-def _reject(index: int, record_id: str, reason: str, error: str, raw: Any) -> dict[str, Any]:
-    return {"index": index, "id": record_id, "reason": reason, "error": error, "record": raw}
+def _reject(
+    index: int,
+    record_id: str,
+    reason: str,
+    error: str,
+    raw: Any,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    reject = {"index": index, "id": record_id, "reason": reason, "error": error, "record": raw}
+    if source is not None:  # several data files: which file, which record of it
+        reject["source"] = source
+    return reject
 
 
 def _record_id(index: int, raw: Any) -> str:
@@ -97,8 +107,8 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
     """
     events = events or UnitEvents()
     started_wall, started_cpu = time.perf_counter(), time.process_time()
-    source = open_dataset(Path(options.data_path))
-    counter = make_token_counter(options.tokenizer)
+    inputs = open_inputs(options.data_paths)
+    counter = make_token_counter(options.tokenizer, options.profile)
 
     out = Path(options.out_dir)
     rows: list[list[Any]] = []
@@ -106,11 +116,13 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
     num_images = image_bytes = 0
     image_table = new_image_table()  # per image: slices, original size... (image_table)
     with ShardWriter(out / shard_name(spec.unit)) as writer:
-        for index, raw in source.read_range(spec.start, spec.stop):
+        for index, raw, file in inputs.read_range(spec.start, spec.stop):
             events.on_record(index)
             record_id = _record_id(index, raw)
+            source = inputs.source_of(index)
             if index in spec.skip:
-                rejects.append(_reject(index, record_id, WORKER_DIED, spec.skip[index], raw))
+                why = spec.skip[index]
+                rejects.append(_reject(index, record_id, WORKER_DIED, why, raw, source))
                 events.on_record_done()
                 continue
             _inject_fault("kill", record_id)
@@ -118,14 +130,17 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
             try:
                 if isinstance(raw, RecordError):
                     raise raw
-                record = normalize_record(index, raw)
-                sample = build_sample(record, source.root, options, counter, events.on_image)
+                record = normalize_record(index, raw, options.input_format)
+                sample = build_sample(
+                    record, file.root, options, counter, events.on_image, source=source
+                )
             except (RecordError, ImageError, SampleTooLongError) as exc:
                 raw_obj = None if isinstance(raw, RecordError) else raw
-                rejects.append(_reject(index, record_id, exc.reason, str(exc), raw_obj))
+                rejects.append(_reject(index, record_id, exc.reason, str(exc), raw_obj, source))
             except Exception as exc:  # a bug or a codec failure: reject, never crash the build
                 reason = f"internal error: {type(exc).__name__}"
-                rejects.append(_reject(index, record_id, reason, traceback.format_exc(), raw))
+                error = traceback.format_exc()
+                rejects.append(_reject(index, record_id, reason, error, raw, source))
             else:
                 for name in sorted(sample.members):
                     writer.add(name, sample.members[name])

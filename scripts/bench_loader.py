@@ -81,6 +81,7 @@ from mvshards.profiles import get_profile  # noqa: E402
 from mvshards.schema import SampleMeta  # noqa: E402
 from mvtrain.batching.plan_index import PlanIndex  # noqa: E402
 from mvtrain.batching.schedule import epoch_plan  # noqa: E402
+from mvtrain.batching.sources import SampleLocator  # noqa: E402
 from mvtrain.budgets import Budgets  # noqa: E402
 from mvtrain.data.lengths import iter_sample_json  # noqa: E402
 from mvtrain.data.loader import MicroBatch, PlannedBatches, ShardAccess  # noqa: E402
@@ -265,7 +266,8 @@ def our_breakdown(dataset: PlannedBatches, tokenizer: Any, adapter: Any, timer: 
             samples = []
             for cost in planned.samples:
                 with timer("read tar members"):
-                    members = access.members(dataset.key_shard[cost.key], cost.key)
+                    shard, key, _ = dataset.locator.locate(cost.key)
+                    members = access.members(shard, key)
                 with timer("tokenize"):
                     meta = SampleMeta.from_json(json.loads(members["json"]))
                     tokenized = tokenize_sample(meta, tokenizer, PROFILE_NAME)
@@ -426,10 +428,8 @@ def run_bench(
     plan = epoch_plan(pindex, args.seed, 0, 0, 1, budgets, CostModel.for_profile(profile))
     if plan.oversize:
         raise SystemExit(f"bench_loader: {len(plan.oversize)} samples over budget; raise budgets")
-    key_shard = {k: int(s) for k, s in zip(index.keys, index.shard_ids, strict=True)}
-    dataset = PlannedBatches(
-        plan, 0, len(plan), index.shard_paths(), key_shard, tokenizer, profile, adapter
-    )
+    locator = SampleLocator.of_index(index)
+    dataset = PlannedBatches(plan, 0, len(plan), locator, tokenizer, profile, adapter)
 
     one_thread()
 

@@ -14,6 +14,9 @@ extra), e.g. by ``scripts/gpu_check.py``. Written under ``OUT_DIR``:
   including text-only and multi-image records, and (``--with-bad``) records the build must
   reject, with ids starting ``bad-``.
 * ``demo_llava.jsonl``: a few LLaVA-style records (``from: human|gpt``, ``value``).
+* ``demo_cookbook.jsonl``: records as the MiniCPM-V 4.6 Cookbook's ms-swift / LLaMA-Factory
+  recipes take them (``messages`` of ``role``/``content`` with ``<image>`` tags or content
+  parts, an ``images`` list, a ``channel``), including a system turn.
 * ``images/``: the image files; paths in the data files are relative to ``OUT_DIR``.
 * ``expected.json``: ids of good, LLaVA and bad records (bad id -> what it tests) and, per
   good image, its upright size (after EXIF), format, mode and EXIF orientation.
@@ -336,6 +339,59 @@ def _llava_records(images: dict[str, tuple[str, Writer]], rng: random.Random):
     return recs
 
 
+COOKBOOK_SINGLES = ["chelsea.jpg", "astronaut.jpg", "coffee.png", "rocket.jpg"]
+"""Images of the Cookbook-style records (all also used by demo.json)."""
+
+
+def _cookbook_records(images: dict[str, tuple[str, Writer]], rng: random.Random):
+    """Cookbook-style records: ``messages`` + ``images`` + ``channel``, as string tags, as
+    content parts, two images, and text-only with a system turn."""
+    recs: list[dict[str, Any]] = []
+    for n, name in enumerate(COOKBOOK_SINGLES):
+        q, a = pick_qa(images[name][0], rng, zh=n % 2 == 1)
+        if n < 2:
+            user: Any = f"<image>{q}"
+        else:
+            user = [{"type": "image"}, {"type": "text", "text": q}]
+        recs.append(
+            {
+                "id": f"cookbook-{n:03d}",
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": a},
+                ],
+                "images": [f"{IMAGES}/{name}"],
+                "channel": "caption",
+            }
+        )
+    pair = [f"{IMAGES}/{COOKBOOK_SINGLES[0]}", f"{IMAGES}/{COOKBOOK_SINGLES[1]}"]
+    subs = [SUBJECT[images[x.split("/", 1)[1]][0]][0] for x in pair]
+    recs.append(
+        {
+            "id": "cookbook-004",
+            "messages": [
+                {"role": "user", "content": "<image><image>What do the two pictures show?"},
+                {"role": "assistant", "content": f"The first {subs[0]}, the second {subs[1]}."},
+            ],
+            "images": pair,
+            "channel": "compare",
+        }
+    )
+    for n, (q, a) in enumerate(rng.sample(TEXT_ONLY, 2), start=5):
+        recs.append(
+            {
+                "id": f"cookbook-{n:03d}",
+                "messages": [
+                    {"role": "system", "content": "You are a concise assistant."},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": a},
+                ],
+                "channel": "chat",
+            }
+        )
+    return recs
+
+
 def _image_info(path: Path) -> dict[str, Any]:
     with Image.open(path) as im:
         orientation = im.getexif().get(0x0112, 1)
@@ -360,6 +416,7 @@ def _readme(seed: int, good: list[str], llava: list[str], bad: dict[str, str]) -
         "  multi-image records ({'<image_00>': ..., '<image_01>': ...}; in some the placeholders",
         "  are out of key order in the text), text-only and multi-turn records.",
         "demo_llava.jsonl: LLaVA-style records (from: human|gpt, value).",
+        "demo_cookbook.jsonl: 4.6 Cookbook-style records (messages + images + channel).",
         "images/: photos from scikit-image (real) plus drawn images: phone-size JPEGs",
         "  (4000x3000; 3024x4032 stored rotated with EXIF orientation 6), EXIF 3,",
         "  CMYK JPEG, palette PNG with transparency, LA, 1-bit, 8- and 16-bit gray,",
@@ -393,14 +450,17 @@ def make_demo_dataset(
     images = _good_images()
     records = _good_records(images, count, text_rng)
     llava = _llava_records(images, text_rng)
+    cookbook = _cookbook_records(images, random.Random(seed + 7919))  # leaves text_rng alone
 
     bad_recs = [rec for _, _, rec in BAD_RECORDS] if with_bad else []
     used: list[str] = []  # good image files referenced by any record, first use first
     if with_bad:
         used.append(f"{IMAGES}/rocket.jpg")  # the truncated JPEG is cut from it
-    for rec in records + llava + bad_recs:
-        paths = rec.get("image") or {}
-        for rel in [paths] if isinstance(paths, str) else list(paths.values()):
+    for rec in records + llava + bad_recs + cookbook:
+        paths = rec.get("image") or rec.get("images") or {}
+        if isinstance(paths, dict):
+            paths = list(paths.values())
+        for rel in [paths] if isinstance(paths, str) else paths:
             if rel not in used and rel.removeprefix(f"{IMAGES}/") in images:
                 used.append(rel)
     photos = _drawn_photos() if drawn_photos else _load_photos()
@@ -423,6 +483,8 @@ def make_demo_dataset(
     data_path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in llava)
     (out_dir / "demo_llava.jsonl").write_text(jsonl, encoding="utf-8")
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cookbook)
+    (out_dir / "demo_cookbook.jsonl").write_text(jsonl, encoding="utf-8")
     good_ids = [r["id"] for r in records if not r["id"].startswith("bad-")]
     expected = {
         "seed": seed,
@@ -430,6 +492,8 @@ def make_demo_dataset(
         "llava": "demo_llava.jsonl",
         "good_ids": good_ids,
         "llava_ids": [r["id"] for r in llava],
+        "cookbook": "demo_cookbook.jsonl",
+        "cookbook_ids": [r["id"] for r in cookbook],
         "bad": bad,
         "images": {rel: _image_info(out_dir / rel) for rel in sorted(used)},
     }

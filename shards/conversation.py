@@ -5,8 +5,9 @@ put image spans in exactly the same places. It reproduces the placeholder handli
 official MiniCPM-V fine-tuning code (``finetune/dataset.py``, ``preprocess``):
 
 * **Single image** (the record's ``image`` is one path; its name is ``<image>``): every
-  ``<image>`` in the *first* turn is replaced by the image's span; when the first turn has
-  no ``<image>``, ``span + "\\n"`` is prepended to it. Other turns are left alone.
+  ``<image>`` in the *first* turn (the first after a system prompt) is replaced by the
+  image's span; when that turn has no ``<image>``, ``span + "\\n"`` is prepended to it.
+  Other turns are left alone.
 * **Several images** (``image`` is a dict ``{"<image_00>": path, ...}``): in *every* turn
   the text is cut with ``re.split(r"(<image_\\d+>)", content)``, each placeholder part is
   replaced by its image's span, and the parts are joined again with ``"\\n"``. The join
@@ -62,7 +63,7 @@ def expand_placeholders(
         return out
     if len(image_names) == 1 and image_names[0] == SINGLE_IMAGE_NAME:
         text = placeholder_texts[0]
-        first = out[0]
+        first = out[1] if len(out) > 1 and out[0].get("role") == "system" else out[0]
         if SINGLE_IMAGE_NAME in first["content"]:
             first["content"] = first["content"].replace(SINGLE_IMAGE_NAME, text)
         else:

@@ -60,6 +60,9 @@ class Family:
     named_span_tokens: bool
     """The image span's strings come from the tokenizer's named tokens (``image_token``,
     ``image_start_token``...); False: ``unk_token`` as the query and literal brackets."""
+    label_rule: str = "mvkit"
+    """The default label rule (``mvtrain.data.tokenize.LABEL_RULES``): ``"official"`` (the
+    2.6 family: labels identical to the official ``finetune/dataset.py``) or ``"mvkit"``."""
 
     def __str__(self) -> str:
         return self.name
@@ -87,6 +90,7 @@ REMOTE_26 = Family(
     placeholder_mask=False,
     adapter_dummy_image=False,
     named_span_tokens=False,
+    label_rule="official",
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in (NATIVE_46, REMOTE_26)}
 

@@ -51,6 +51,10 @@ class IndexMissingError(DatasetIndexError):
     """An output folder has no finished, consistent index."""
 
 
+class ShardFilesError(DatasetIndexError):
+    """A shard file is missing or its size is not the one its index entry records."""
+
+
 class CorruptEntryWarning(UserWarning):
     """An index entry file exists but cannot be read; its unit is treated as not finished."""
 
@@ -328,6 +332,26 @@ class DatasetIndex:
 
     def shard_paths(self) -> list[Path]:
         return [s.path for s in self.shards]
+
+    def check_shard_files(self) -> None:
+        """Raise :class:`ShardFilesError` (one line: the first bad shard, how many are bad,
+        the fix) when a shard file is missing or its size differs from its entry's: a cheap
+        stat of each file, before anything reads them (``mvprep verify`` checks contents)."""
+        bad: list[str] = []
+        for shard in self.shards:
+            try:
+                size = shard.path.stat().st_size
+            except FileNotFoundError:
+                bad.append(f"{shard.path} is missing")
+                continue
+            if size != shard.num_bytes:
+                bad.append(f"{shard.path} is {size} bytes, its index entry says {shard.num_bytes}")
+        if bad:
+            more = f" (and {len(bad) - 1} more shards)" if len(bad) > 1 else ""
+            raise ShardFilesError(
+                f"{bad[0]}{more}: the shards changed since the build; run `mvprep verify "
+                f"{self.out}` and re-run the build to rewrite what it reports"
+            )
 
     def sample_rows(self) -> list[list[Any]]:
         """``[key, num_tokens, num_patches, num_images]`` per sample, in dataset order."""

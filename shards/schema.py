@@ -101,6 +101,11 @@ class SampleMeta:
     token_count_exact: bool = False
     image_names: list[str] = field(default_factory=list)
     """The placeholder each image answers to (``<image>`` or ``<image_NN>``), in image order."""
+    source: dict[str, Any] | None = None
+    """Where the record came from when the build read several data files:
+    ``{"file": "b.jsonl", "index": 12}`` (the file relative to the folder holding all the
+    inputs, the record's 0-based position in it). None (and absent from the JSON) for a
+    one-file build, whose key is the position in its file; older shards have none."""
 
     @property
     def num_patches(self) -> int:
@@ -115,7 +120,7 @@ class SampleMeta:
         return self.num_text_tokens + self.num_image_tokens
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "schema_version": SCHEMA_VERSION,
             "key": self.key,
             "id": self.id,
@@ -129,6 +134,9 @@ class SampleMeta:
             "num_tokens": self.num_tokens,
             "token_count_exact": self.token_count_exact,
         }
+        if self.source is not None:
+            obj["source"] = dict(self.source)
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> SampleMeta:
@@ -146,6 +154,7 @@ class SampleMeta:
             num_text_tokens=obj["num_text_tokens"],
             token_count_exact=obj["token_count_exact"],
             image_names=obj.get("image_names", []),
+            source=obj.get("source"),
         )
 
     def index_row(self) -> list[Any]:

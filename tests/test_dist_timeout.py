@@ -112,15 +112,15 @@ def test_ensure_alloc_conf_sets_this_process(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_launch_passes_the_allocator_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[dict[str, str]] = []
-    monkeypatch.setattr(launch_module.subprocess, "call", lambda cmd, env: calls.append(env) or 0)
     for name in ALLOC_ENV + ("OMP_NUM_THREADS",):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    assert launch_module.launch(2, ["run"]) == 0
-    assert calls[-1]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    assert calls[-1]["OMP_NUM_THREADS"] == "1"
+    env = launch_module.rank_env(launch_module.launch_env(os.environ), 1, 2, 29500, "/tmp/e")
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("1", "1", "2")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", "29500")
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")
-    launch_module.launch(2, ["run"])
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in calls[-1]
-    assert calls[-1]["PYTORCH_ALLOC_CONF"] == "backend:cudaMallocAsync"
+    env = launch_module.launch_env(os.environ)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in env
+    assert env["PYTORCH_ALLOC_CONF"] == "backend:cudaMallocAsync"

@@ -112,6 +112,41 @@ def test_inspect_accepts_an_unpadded_key(webp_build: Path, tmp_path: Path) -> No
     assert result.exit_code == 1 and "is not a sample key" in result.output
 
 
+def test_inspect_png_without_an_extension_writes_a_png(webp_build: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        mvprep_main, ["inspect", str(webp_build), "1", "--png", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out.png").format == "PNG"
+    assert result.output.rstrip().endswith(f"--- wrote {tmp_path / 'out.png'}")
+
+
+# --- --epochs and --max-steps ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("epochs", "max_steps", "expected"),
+    [(None, None, [2]), (3, None, [2, 2, 2]), (None, 5, [2, 2, 1]), (1, 5, [2]), (3, 3, [2, 1])],
+)
+def test_max_steps_caps_epochs_and_alone_trains_that_many_steps(
+    tmp_path: Path, epochs: int | None, max_steps: int | None, expected: list[int]
+) -> None:
+    from mvshards.families import NATIVE_46
+    from mvtrain.batching.epochs import plan_epochs
+    from mvtrain.batching.plan_index import PlanIndex
+    from mvtrain.distributed import DistInfo
+    from mvtrain.run_config import RunConfig
+
+    keys = [f"{i:09d}" for i in range(4)]
+    index = PlanIndex.from_arrays(keys, [0] * 4, [300] * 4, [0] * 4, num_shards=1)
+    config = RunConfig(
+        shards=tmp_path, model="tiny", output=tmp_path / "out", token_budget=600,
+        patch_budget=4096, epochs=epochs, max_steps=max_steps,
+    )  # fmt: skip
+    world = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo")
+    assert plan_epochs(config, index, world, NATIVE_46.cost).steps == expected
+
+
 # --- workers -----------------------------------------------------------------------------
 
 

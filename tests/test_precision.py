@@ -260,7 +260,7 @@ def test_a_bf16_checkpoint_loads_in_the_dtype_asked_for(bf16_folder: Path) -> No
 
 @pytest.mark.slow
 def test_fp16_on_the_torch_engine_is_refused_in_one_line(
-    shards: Path, tmp_path: Path, clean_env: None
+    shards: Path, tmp_path: Path, clean_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "\n" not in TORCH_ENGINE_FP16
     with pytest.raises(ValueError) as refused:
@@ -270,13 +270,15 @@ def test_fp16_on_the_torch_engine_is_refused_in_one_line(
     with pytest.raises(ValueError, match="^the torch engine has no loss scaling"):
         _engine(model, use_deepspeed=False, dtype="fp16")
 
-    from mvtrain.cli import main
+    from mvshards.command_line import run_cli
+    from mvtrain.cli import IS_EXPECTED, main
 
     out = tmp_path / "out"
     args = ["run", "--shards", str(shards), "--model", "tiny", "--output", str(out)]
-    result = CliRunner().invoke(main, [*args, "--engine", "torch", "--dtype", "fp16"])
-    assert result.exit_code == 2, result.output
-    assert f"Error: {TORCH_ENGINE_FP16}\n" in result.output
+    with pytest.raises(SystemExit) as ended:
+        run_cli(main, "mvtrain", IS_EXPECTED, argv=[*args, "--engine", "torch", "--dtype", "fp16"])
+    assert ended.value.code == 1
+    assert capsys.readouterr().err == f"mvtrain: error: {TORCH_ENGINE_FP16}\n"
     assert not out.exists(), "the run started before refusing"
 
 

@@ -87,7 +87,8 @@ REJECTS: list[tuple[object, str]] = [
     ({"conversations": "hello"}, R.MALFORMED),
     ({"conversations": ["hello", "there"]}, R.MALFORMED),
     ({"conversations": [{"content": "x"}, turn("assistant", "y")]}, R.MALFORMED),
-    ({"conversations": [turn("system", "Be brief."), *qa()]}, R.UNKNOWN_ROLE),
+    ({"conversations": [turn("tool", "42"), *qa()]}, R.UNKNOWN_ROLE),
+    ({"conversations": [*qa(), turn("system", "Be brief.")]}, R.MALFORMED),
     (
         {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
         R.UNKNOWN_ROLE,
@@ -132,7 +133,7 @@ REJECTS: list[tuple[object, str]] = [
     ({"image": ["a.jpg", "b.jpg"], "conversations": qa()}, R.MALFORMED),
     ({"image": 7, "conversations": qa()}, R.MALFORMED),
     ({"image": {"img1": "a.jpg"}, "conversations": qa("img1")}, R.MALFORMED),
-    ({"images": ["a.jpg"], "conversations": qa()}, R.MALFORMED),
+    ({"images": ["a.jpg"], "conversations": qa()}, R.IMAGE_COUNT_MISMATCH),  # ShareGPT
     ({"conversations": qa("What does </image> mean?")}, R.RESERVED_TOKEN),
     ({"image": "a.jpg", "conversations": qa("<image>", "It says <unk>.")}, R.RESERVED_TOKEN),
 ]

@@ -157,7 +157,7 @@ def test_labels_with_a_template_that_trims_content(tok_dir: Path) -> None:
         {"role": "user", "content": " hello "},
         {"role": "assistant", "content": "  The cat.\n"},
     ]
-    out = tokenize_sample(SampleMeta("000000003", "t", turns), tok, "minicpmv-2.6")
+    out = tokenize_sample(SampleMeta("000000003", "t", turns), tok, "minicpmv-2.6", "mvkit")
     assert "<|im_start|>assistant\nThe cat.<|im_end|>" in tok.decode(out.input_ids)
     assert _label_text(tok, out.labels) == "The cat.<|im_end|>"
 
@@ -213,7 +213,7 @@ def test_property_length_and_labels(case: tuple[SampleMeta, str], tok_dir: Path)
     counter = make_token_counter(tok_dir)
     assert isinstance(counter, HFTokenCounter)
     tok = counter.tokenizer
-    out = tokenize_sample(meta, tok, profile)
+    out = tokenize_sample(meta, tok, profile, label_rule="mvkit")
     assert len(out) == counter.count_text_tokens(meta.conversations, meta.image_names) + sum(
         e.num_image_tokens for e in meta.images
     )

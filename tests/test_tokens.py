@@ -4,7 +4,6 @@ estimate."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from mvprep.tokens import (
     make_token_counter,
 )
 from mvshards.conversation import expand_placeholders
+from mvshards.profiles import PROFILES
 from mvshards.tiny_tokenizer import TINY_SPECIAL_TOKENS, build_tiny_tokenizer
 
 
@@ -215,22 +215,59 @@ def test_make_token_counter_caches_per_process(tiny_dir: Path) -> None:
 
 
 def test_estimate_is_flagged_and_follows_its_rule() -> None:
-    est = EstimateTokenCounter()
+    est = EstimateTokenCounter("minicpmv-4.6")
     assert est.exact is False
     conv = [
         {"role": "user", "content": "<image_00>Describe it."},  # "\n" + "\nDescribe it."
         {"role": "assistant", "content": "一只猫"},
     ]
-    user_text = "\n\nDescribe it."  # 14 ASCII characters -> 4 tokens
-    assert estimate_text_tokens(user_text) == math.ceil(14 / 4)
-    assert estimate_text_tokens("一只猫") == 3
-    assert est.count_text_tokens(conv, ["<image_00>"]) == (5 + 4) + (5 + 3)
-    assert est.count_text_tokens([{"role": "user", "content": ""}], []) == 5
-    assert est.info()["kind"] == "estimate"
+    user_text = "user\n\n\nDescribe it."  # role, newline, the span's newlines, the text
+    assert estimate_text_tokens(user_text) == 19
+    assert estimate_text_tokens("一只猫") == 9  # UTF-8 bytes
+    think = len("<think>\n\n</think>\n\n")
+    answer = 2 + len(b"assistant\n") + 9 + 1 + think
+    assert est.count_text_tokens(conv, ["<image_00>"]) == (2 + 19 + 1) + answer
+    assert est.count_text_tokens([{"role": "user", "content": ""}], []) == 2 + 5 + 1
+    system = 2 + len("system\nYou are a helpful assistant.") + 1
+    old = EstimateTokenCounter("minicpmv-2.6")
+    assert old.count_text_tokens(conv, ["<image_00>"]) == system + (2 + 19 + 1) + answer - think
+    assert est.info()["kind"] == "estimate" and est.info()["bound"] == "upper"
+    assert make_token_counter(None, "minicpmv-2.6") is not make_token_counter(None)
 
 
 @settings(max_examples=50, deadline=None)
 @given(a=st.text(max_size=60), b=st.text(max_size=60))
 def test_estimate_grows_with_text(a: str, b: str) -> None:
     assert estimate_text_tokens(a + b) >= max(estimate_text_tokens(a), estimate_text_tokens(b))
-    assert estimate_text_tokens(a) <= len(a)
+    assert estimate_text_tokens(a) >= len(a)
+
+
+@settings(max_examples=120, deadline=None)
+@given(sample=samples())
+@example(sample=({"image": "a.jpg", "conversations": [_turn("user", "ﬃ\u0958 x"), _A]}, [_SPAN]))
+def test_estimate_is_an_upper_bound_of_the_exact_count(
+    counter: HFTokenCounter, sample: tuple[dict, list[str]]
+) -> None:
+    """Any conversation, any text: the estimate of every profile is at least the exact count
+    (the tiny tokenizer: a byte-level BPE with few merges, the weakest of the family)."""
+    raw, _ = sample
+    rec = normalize_record(0, raw)
+    exact = counter.count_text_tokens(rec.conversations, rec.image_names)
+    for profile in PROFILES:
+        estimate = EstimateTokenCounter(profile).count_text_tokens(
+            rec.conversations, rec.image_names
+        )
+        assert estimate >= exact, profile
+
+
+@settings(max_examples=60, deadline=None)
+@given(user=st.text(max_size=80), answer=st.text(max_size=80))
+def test_estimate_bounds_arbitrary_text(counter: HFTokenCounter, user: str, answer: str) -> None:
+    conv = [_turn("user", user), _turn("assistant", answer)]
+    try:
+        rec = normalize_record(0, {"conversations": conv})
+    except RecordError:  # placeholders or reserved tokens: not a valid text-only record
+        return
+    exact = counter.count_text_tokens(rec.conversations, [])
+    for profile in PROFILES:
+        assert EstimateTokenCounter(profile).count_text_tokens(rec.conversations, []) >= exact

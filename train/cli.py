@@ -10,15 +10,36 @@ from typing import Any
 
 import click
 
+from mvshards.command_line import expected_classes, png_callback, run_cli
 from mvtrain.cli_options import GRAD_ACCUM, SETUP, SHARDS, options
 from mvtrain.cli_plan import plan_command, probe_command
-from mvtrain.launch import exit_now, launch, strip_nproc
+from mvtrain.launch import exit_now, launch, report_failure, strip_nproc
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train MiniCPM-V on mvkit shards under token and patch budgets."""
+    """Train MiniCPM-V on mvkit shards under token and patch budgets.
+
+    A failure you can act on is one line on stderr (once, however many ranks); add --debug
+    anywhere on the command line (or set MVKIT_DEBUG=1) for its traceback."""
+
+
+IS_EXPECTED = expected_classes(
+    "builtins:ValueError",
+    "builtins:FileNotFoundError",
+    "mvshards.index:DatasetIndexError",
+    "mvtrain.data.loader:ShardReadError",
+    "mvtrain.model.loading:ModelLoadError",
+    "mvtrain.report:ReportError",
+    "mvtrain.oom:BackwardOomError",
+)
+"""The failures a user can act on: one line, no traceback."""
+
+
+def entry() -> None:
+    """The ``mvtrain`` console command: :data:`main` with one-line failures."""
+    run_cli(main, "mvtrain", IS_EXPECTED, report_failure)
 
 
 def _int_or_auto(text: object, flag: str, kind: str = "a positive integer") -> int | None:
@@ -79,15 +100,15 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     "--max-steps",
     type=int,
     default=None,
-    help="Train this many optimizer steps, over as many epochs as that takes "
-    "(then --epochs is ignored).",
+    help="Stop after this many optimizer steps: a cap on --epochs when both are given; "
+    "alone, it trains this many steps over as many epochs as that takes.",
 )
 @click.option(
     "--epochs",
     type=int,
-    default=1,
-    show_default=True,
-    help="Passes over the data (ignored with --max-steps).",
+    default=None,
+    help="Passes over the data [default: 1, or as many as --max-steps takes]; with "
+    "--max-steps the run stops at whichever comes first.",
 )
 @click.option(
     "--zero",
@@ -128,7 +149,7 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     show_default=True,
     help="Peak learning rate. Schedule: linear warm-up over --warmup-steps (step k uses "
     "k/W of the peak), then cosine decay from the peak towards 10% of it at the last planned "
-    "step (--max-steps, or the steps of --epochs). Fixed at the first start: --resume keeps "
+    "step (the steps of --epochs, capped by --max-steps). Fixed at the first start: --resume keeps "
     "it and refuses another --lr/--warmup-steps/step count unless --schedule-change.",
 )
 @click.option(
@@ -208,8 +229,11 @@ def run_command(
     if nproc_per_node and "RANK" not in os.environ:
         sys.exit(launch(nproc_per_node, strip_nproc(sys.argv[1:])))
     from mvshards.units import parse_bytes
+    from mvtrain.distributed import name_cpu_accelerator
     from mvtrain.loop import run
     from mvtrain.run_config import RunConfig
+
+    name_cpu_accelerator()
 
     try:
         options["token_budget"] = _int_or_auto(options["token_budget"], "--token-budget")
@@ -232,10 +256,8 @@ def run_command(
 
     try:
         result = run(config)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
     except BackwardOomError as exc:
-        exit_now(f"mvtrain: {exc} (saved in {Path(config.output) / 'restart.json'})", 3)
+        exit_now(f"{exc} (saved in {Path(config.output) / 'restart.json'})", 3)
     if os.environ.get("RANK", "0") == "0":
         _print_summary(result)
 
@@ -244,6 +266,7 @@ def run_command(
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--png",
+    callback=png_callback,
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Where to draw it (default: OUT/report.png).",
@@ -284,6 +307,23 @@ def _skipped_text(result: Any) -> str:
     return f"{counts}, {result.oversize} in total: {examples}; all in {where}"
 
 
+def _source_rows(result: Any) -> list[tuple[str, str]]:
+    """One summary row per ``--shards`` folder: weight, samples per epoch, mean loss."""
+    losses = result.loss_by_source
+    rows = []
+    for source in result.sources:
+        loss = losses.get(source["name"])
+        rows.append(
+            (
+                f"source {source['name']}",
+                f"weight {source['weight']:g}, {source['samples_per_epoch']} of "
+                f"{source['samples']} samples per epoch"
+                + (f", loss {loss:.4f}" if loss is not None else ""),
+            )
+        )
+    return rows
+
+
 def _print_summary(result: Any) -> None:
     """The short table that ends a run (rank 0)."""
     eff = result.efficiency
@@ -301,6 +341,7 @@ def _print_summary(result: Any) -> None:
         ("patch budget use", f"{eff.get('patch_budget_utilisation', 0):.3f}"),
         ("over-budget samples skipped", _skipped_text(result)),
         ("length mismatches vs index", f"{result.length_mismatches}"),
+        *_source_rows(result),
         ("output", str(result.output)),
     ]
     width = max(len(k) for k, _ in rows)
@@ -314,4 +355,4 @@ main.add_command(plan_command)
 main.add_command(probe_command)
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -1,4 +1,4 @@
-"""Options that several ``mvtrain`` commands share, defined once: the shard folder, the
+"""Options that several ``mvtrain`` commands share, defined once: the shard folders, the
 training setup a run uses and a plan or probe is made for, the accumulation, the dtype."""
 
 from __future__ import annotations
@@ -11,11 +11,37 @@ import click
 
 from mvtrain.precision import DTYPES
 
+
+class ShardsParam(click.ParamType):
+    """``DIR`` or ``DIR:WEIGHT``: an existing shard folder and its sampling weight (> 0)."""
+
+    name = "DIR[:WEIGHT]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from mvtrain.batching.sources import ShardSource
+
+        if isinstance(value, ShardSource):
+            return value
+        try:
+            source = ShardSource.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if not Path(source.path).is_dir():
+            self.fail(f"folder {str(source.path)!r} does not exist", param, ctx)
+        return source
+
+
 SHARDS = click.option(
     "--shards",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=ShardsParam(),
+    multiple=True,
     required=True,
-    help="The shard folder `mvprep build` wrote (with manifest.json).",
+    help="A shard folder `mvprep build` wrote (with manifest.json), optionally with a "
+    "sampling weight: DIR[:WEIGHT]. Repeat to mix folders (same --profile, --max-res and "
+    "image-id form). Per epoch a folder of n samples gives round(WEIGHT*n): floor(WEIGHT) "
+    "full copies plus a subset drawn by (--seed, epoch) for the fraction; default weight 1. "
+    "With several folders samples are named NAME/KEY (NAME: the folder's basename) and "
+    "the loss is reported per folder.",
 )
 GRAD_ACCUM = click.option(
     "--grad-accum",

@@ -113,10 +113,10 @@ def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
 @click.option(
     "--trust-remote-code", is_flag=True, help="Needed for the 2.6 family (remote-code checkpoints)."
 )
-def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
+def probe_command(shards: tuple[Any, ...], model: str, save: Path, **setup: Any) -> None:
     """On a GPU: measure fwd+bwd peaks on worst-case batches and fit the planner to them."""
-    from mvshards.index import load_index
     from mvshards.units import GiB
+    from mvtrain.batching.sources import load_sources
     from mvtrain.memory.probe import run_probe
     from mvtrain.memory.probe_fit import probe_setup
     from mvtrain.model.adapters import adapter_for
@@ -124,14 +124,17 @@ def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
     from mvtrain.precision import resolve_dtype
     from mvtrain.run_config import RunConfig
 
-    index = load_index(shards)
+    try:
+        _, indexes = load_sources(shards)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     config = RunConfig(shards=shards, model=model, output=Path("."), **setup)
     bundle = build_model(config)
     if bundle.family.remote_code:
         raise click.UsageError(
             "probe drives the native 4.6 family; plan the 2.6 family from its config"
         )
-    adapter = adapter_for(index.params["profile"], bundle.tokenizer)
+    adapter = adapter_for(indexes[0].params["profile"], bundle.tokenizer)
     record = probe_setup(
         bundle.model.config,
         model,
@@ -146,8 +149,8 @@ def probe_command(shards: Path, model: str, save: Path, **setup: Any) -> None:
             bundle.model,
             bundle.tokenizer.pad_token_id or 0,
             adapter,
-            int(index.num_tokens.max()),
-            int(index.num_patches.max()),
+            max(int(index.num_tokens.max(initial=0)) for index in indexes),
+            max(int(index.num_patches.max(initial=0)) for index in indexes),
             save,
             record,
         )

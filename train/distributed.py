@@ -118,3 +118,10 @@ def all_gather_rows(values: list[float | torch.Tensor], device: torch.device) ->
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
     return torch.stack(rows).tolist()
+
+
+def name_cpu_accelerator() -> None:
+    """Without CUDA, tell DeepSpeed its accelerator is the CPU (``DS_ACCELERATOR=cpu``) so
+    each rank does not warn that it could not detect one; a value the user set stays."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"

@@ -1,34 +1,70 @@
-"""Starting and ending training processes: re-run a command under torchrun on this
-machine, the environment its processes get, and ending one at once when a collective it left
-would block its shutdown."""
+"""Starting and ending training processes on this machine: ``--nproc-per-node N`` starts N
+ranks of the same command, watches them, and reports how the run ended, once.
+
+The ranks get what ``torchrun`` would give them on one node (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``), one intra-op thread
+and the CUDA allocator default, and die with the launcher (Linux parent-death signal: a
+``kill -9`` of the launcher leaves no rank training on as an orphan). A SIGTERM or Ctrl-C of
+the launcher is passed on to the ranks.
+
+When a rank fails, the others get :data:`GRACE_S` seconds to end by themselves (a failure
+that every rank detects, such as an empty plan, ends them all), then SIGTERM, then SIGKILL:
+a rank blocked in a collective the failed one left would otherwise wait for the collective
+timeout. Each rank hands its failure to the launcher as a small JSON file instead of printing
+it (:func:`report_failure`), and the launcher prints the cause once: the expected failures
+(one line each, the same line from several ranks once), else the earliest unexpected one
+with its traceback; the other ranks' errors (a connection reset because a peer left) are
+consequences and are shown only with ``--debug``. Multi-node runs use ``torchrun`` directly
+(``torchrun ... -m mvtrain.cli run ...``); each rank then prints its own failure.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mvshards.command_line import Failure, debug_enabled, print_failure
+from mvshards.processes import die_with_parent
+
+ERROR_DIR_ENV = "MVTRAIN_ERROR_DIR"
+"""Set for ranks this launcher started: the folder where a failing rank writes its failure."""
+
+GRACE_S = 3.0
+"""Seconds the other ranks get to end by themselves once one rank failed."""
+
+TERM_S = 5.0
+"""Seconds between SIGTERM and SIGKILL when ending the ranks."""
+
+PROG = "mvtrain"
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    """Run ``mvtrain ARGV`` as ``nproc`` ranks on this machine; the exit code of the run
+    (0, or the code of the failure it reports)."""
     from mvtrain.distributed import free_port
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "mvtrain.cli",
-        *argv,
-    ]
-    return subprocess.call(cmd, env=launch_env(os.environ))
+    port = free_port()
+    base = launch_env(os.environ)
+    with tempfile.TemporaryDirectory(prefix="mvtrain-ranks-") as errors:
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, "-m", "mvtrain.cli", *argv],
+                env=rank_env(base, rank, nproc, port, errors),
+                preexec_fn=die_with_parent,
+            )
+            for rank in range(nproc)
+        ]
+        codes, ended_by_us = _watch(ranks)
+        failures = _read_failures(Path(errors))
+    return _report(codes, ended_by_us, failures)
 
 
 def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -43,12 +79,147 @@ def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def rank_env(
+    base: Mapping[str, str], rank: int, nproc: int, port: int, error_dir: str
+) -> dict[str, str]:
+    """The environment of rank ``rank`` of ``nproc`` on this machine."""
+    return {
+        **base,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        ERROR_DIR_ENV: error_dir,
+    }
+
+
+def _watch(ranks: list[subprocess.Popen[Any]]) -> tuple[list[int], set[int]]:
+    """Wait for every rank; end the rest once one fails. The exit codes, and the ranks this
+    launcher ended."""
+    failed_at: float | None = None
+    ended: set[int] = set()
+    term_at: float | None = None
+    stop = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            codes = [r.poll() for r in ranks]
+            if all(c is not None for c in codes):
+                return [int(c) for c in codes if c is not None], ended
+            now = time.monotonic()
+            if failed_at is None and (stop or any(c not in (None, 0) for c in codes)):
+                failed_at = now if not stop else now - GRACE_S
+            if failed_at is not None and term_at is None and now - failed_at >= GRACE_S:
+                term_at = now
+                for i, rank in enumerate(ranks):
+                    if rank.poll() is None:
+                        ended.add(i)
+                        rank.send_signal(signal.SIGTERM)
+            if term_at is not None and now - term_at >= TERM_S:
+                for rank in ranks:
+                    if rank.poll() is None:
+                        rank.kill()
+            time.sleep(0.05)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _read_failures(folder: Path) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for path in sorted(folder.glob("rank-*.json")):
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        out[int(row["rank"])] = row
+    return out
+
+
+def _report(codes: list[int], ended_by_us: set[int], failures: dict[int, dict[str, Any]]) -> int:
+    """Print how the run ended (nothing when it succeeded); the launcher's exit code."""
+    if all(code == 0 for code in codes):
+        return 0
+    debug = debug_enabled()
+    expected = [(r, f) for r, f in sorted(failures.items()) if f["expected"]]
+    unexpected = sorted(
+        ((r, f) for r, f in failures.items() if not f["expected"]), key=lambda rf: rf[1]["time"]
+    )
+    if debug:
+        for rank, failure in sorted(failures.items()):
+            if failure["traceback"]:
+                print(f"--- rank {rank} ---\n{failure['traceback']}", file=sys.stderr, end="")
+    if expected:
+        messages = list(dict.fromkeys(f["message"] for _, f in expected))
+        for message in messages:
+            ranks = [r for r, f in expected if f["message"] == message]
+            where = "" if len(messages) == 1 else f"rank {ranks[0]}: "
+            print_failure(PROG, Failure(where + message, 1, expected=True))
+        return int(expected[0][1]["code"]) or 1
+    if unexpected:
+        rank, failure = unexpected[0]
+        print_failure(
+            PROG,
+            Failure(
+                f"rank {rank}: {failure['message']}",
+                int(failure["code"]) or 1,
+                expected=False,
+                traceback="" if debug else failure["traceback"],
+            ),
+        )
+        return int(failure["code"]) or 1
+    dead = [(r, c) for r, c in enumerate(codes) if c != 0 and r not in ended_by_us]
+    rank, code = dead[0] if dead else next((r, c) for r, c in enumerate(codes) if c != 0)
+    print_failure(PROG, Failure(f"rank {rank} {_describe_exit(code)}", 1, expected=False))
+    return 128 - code if code < 0 else code
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        hint = " (the out-of-memory killer? see `dmesg`)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code} without a message"
+
+
+def report_failure(prog: str, failure: Failure) -> None:
+    """How a command of this package makes a failure known: a rank this launcher started
+    writes it for the launcher; any other process prints it (prefixed with its rank when it
+    is one of several)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    rank = int(os.environ.get("RANK", "0"))
+    if folder:
+        row = {**failure.__dict__, "rank": rank, "time": time.time()}
+        path = Path(folder) / f"rank-{rank}.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(row), encoding="utf-8")
+            os.replace(tmp, path)
+            return
+        except OSError:
+            pass
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        failure = Failure(
+            f"rank {rank}: {failure.message}", failure.code, failure.expected, failure.traceback
+        )
+    print_failure(prog, failure)
+
+
 def exit_now(message: str, code: int) -> None:
-    """Print ``message`` and end this process at once, skipping interpreter shutdown: other
+    """Report ``message`` and end this process at once, skipping interpreter shutdown: other
     ranks may be blocked in a collective this one left, and a process group torn down with
     pending work can wait for it forever. The launcher then ends the other ranks."""
     sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
+    report_failure(PROG, Failure(message, code, expected=True))
+    sys.stderr.flush()
     os._exit(code)
 
 

@@ -59,12 +59,25 @@ class RunResult:
     """The first few skipped samples: key and costs alone."""
     length_mismatches: int = 0
     output: Path | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Per ``--shards`` folder: name, weight, samples per epoch (as ``run.json``)."""
+    group_loss: dict[str, float] = field(default_factory=dict)
+    """Per loss group: token losses summed over the steps this process ran (all ranks)."""
+    group_labels: dict[str, int] = field(default_factory=dict)
+    """Per loss group: label tokens over the steps this process ran (all ranks)."""
+
+    @property
+    def loss_by_source(self) -> dict[str, float]:
+        """Each loss group's token-weighted mean loss over the steps this process ran."""
+        return {g: self.group_loss[g] / n for g, n in self.group_labels.items() if n}
 
 
 def run(config: RunConfig) -> RunResult:
     """Set up, train every planned step (from the checkpoint when resuming), finish."""
     session = setup(config)
-    result = RunResult(steps_done=session.state.step, output=session.output)
+    result = RunResult(
+        steps_done=session.state.step, output=session.output, sources=session.mix.describe()
+    )
     _report_skipped(session, result)
     config = session.config
     reporter = StepReporter(
@@ -131,6 +144,7 @@ def _window_runner(session: Session, batch_log: BatchLog) -> WindowRunner:
         restart_file=output / RESTART_FILE,
         faults=session.faults,
         planned_budgets=config.budgets,
+        groups=session.mix.groups,
     )
 
 
@@ -141,8 +155,7 @@ def _micro_batches(session: Session, epoch: int, in_epoch: int) -> Iterator[Micr
         session.epochs.plans[epoch],
         in_epoch * accum,
         session.epochs.steps[epoch] * accum,
-        session.shard_paths,
-        session.key_shard,
+        session.mix.locator,
         session.tokenizer,
         session.profile,
         session.adapter,
@@ -164,7 +177,7 @@ def _train_step(
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     reporter.efficiency_add(window)
-    loss = None
+    loss, by_source = None, None
     lr = engine.current_lr() if engine is not None else None  # the rate this step uses
     if engine is None:
         reporter.dry_window(info.rank, state.step, window)
@@ -172,6 +185,10 @@ def _train_step(
     else:
         outcome = runner.run(window, state.budgets, state.step)
         loss, tokens, state.budgets = outcome.loss, outcome.tokens, outcome.budgets
+        by_source = outcome.loss_by_group
+        for group, n in outcome.group_labels.items():
+            result.group_loss[group] = result.group_loss.get(group, 0.0) + outcome.group_loss[group]
+            result.group_labels[group] = result.group_labels.get(group, 0) + n
     elapsed = time.perf_counter() - started
     state.step += 1
     for batch in window:
@@ -180,7 +197,7 @@ def _train_step(
         result.length_mismatches += len(batch.length_mismatches)
     if loss is not None:
         result.losses[state.step] = loss
-    reporter.step_done(state.step, epoch, loss, tokens, elapsed, lr)
+    reporter.step_done(state.step, epoch, loss, tokens, elapsed, lr, by_source)
     every = session.config.save_every
     if engine is not None and every and state.step % every == 0:
         save_checkpoint(session.output, engine, state, info)

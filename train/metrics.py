@@ -38,6 +38,7 @@ class BatchLog:
             "step": step,
             "micro": micro,
             "keys": batch.keys,
+            "sources": batch.sources,
             "num_samples": len(batch.keys),
             "max_len": batch.max_len,
             "real_tokens": batch.real_tokens,
@@ -156,7 +157,11 @@ class StepReporter:
         tokens: float,
         elapsed: float,
         lr: float | None,
+        loss_by_source: dict[str, float] | None = None,
     ) -> None:
+        """One ``metrics.jsonl`` row (rank 0): ``loss_by_source`` is each loss group's
+        token-weighted mean loss over the step's window on all ranks (groups without label
+        tokens in it left out)."""
         record: dict[str, Any] = {
             "step": step,
             "epoch": epoch,
@@ -165,6 +170,8 @@ class StepReporter:
         }
         if loss is not None:
             record["loss"] = loss
+        if loss_by_source:
+            record["loss_by_source"] = loss_by_source
         if lr is not None:
             record["lr"] = lr
         if torch.cuda.is_available():
@@ -173,7 +180,9 @@ class StepReporter:
         if self.is_main:
             with open(self.metrics_file, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            self.scalars.log(step, {k: v for k, v in record.items() if isinstance(v, float)})
+            scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+            scalars.update({f"loss/{k}": v for k, v in (loss_by_source or {}).items()})
+            self.scalars.log(step, scalars)
             self.bar.set_postfix_str(
                 f"loss {loss:.4f}" if loss is not None else "dry run", refresh=False
             )

@@ -64,8 +64,12 @@ def filler_batch(like: MicroBatch, adapter: Adapter) -> MicroBatch:
 class WindowProgress:
     """What one rank did in the rounds of a window since its last agreement."""
 
-    done: list[tuple[MicroBatch, torch.Tensor]] = field(default_factory=list)
-    """Planned micro-batches (zero-weight ones too, not fillers) with their loss sums."""
+    done: list[tuple[MicroBatch, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=list
+    )
+    """Planned micro-batches (zero-weight ones too, not fillers) with their loss sums and
+    per-row loss sums and label counts (all detached,
+    :class:`~mvtrain.model.adapters.TokenLoss`)."""
     failed: list[MicroBatch] = field(default_factory=list)
     """Micro-batches whose forward ran out of memory."""
     backward_batch: MicroBatch | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mvtrain.budgets import Budgets
 
@@ -11,9 +12,15 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_PATCH_BUDGET = 65536
 
 
+MAX_EPOCHS = 10**6
+"""Epochs planned at most for ``--max-steps`` alone (an empty plan stops at the first)."""
+
+
 @dataclass
 class RunConfig:
-    shards: Path
+    shards: Any
+    """The shard folders: a folder, ``DIR:WEIGHT``, or a list of those (or of
+    :class:`mvtrain.batching.sources.ShardSource`); see :mod:`mvtrain.batching.sources`."""
     model: str
     """``tiny`` or a local model folder."""
     output: Path
@@ -26,7 +33,9 @@ class RunConfig:
     probe: Path | None = None
     grad_accum: int = 1
     max_steps: int | None = None
-    epochs: int = 1
+    """Stop after this many optimizer steps (a cap on ``epochs`` when both are given)."""
+    epochs: int | None = None
+    """Passes over the data; None: 1, or as many as ``max_steps`` takes when that is given."""
     zero_stage: int = 2
     deepspeed_config: Path | None = None
     use_deepspeed: bool | None = None
@@ -61,6 +70,14 @@ class RunConfig:
     """How long a collective waits for the other ranks before failing."""
 
     @property
+    def epoch_limit(self) -> int:
+        """The most epochs to plan: ``--epochs``; without it 1, or no limit (10**6) when
+        ``--max-steps`` alone says how long to train. ``--max-steps`` then caps the steps."""
+        if self.epochs is not None:
+            return self.epochs
+        return 1 if self.max_steps is None else MAX_EPOCHS
+
+    @property
     def budgets(self) -> Budgets:
         """The run's budgets; ``auto`` ones must have been filled in (the session does)."""
         if self.token_budget is None or self.patch_budget is None:
@@ -84,7 +101,7 @@ class RunConfig:
             raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(
@@ -97,8 +114,11 @@ class RunConfig:
             raise ValueError(f"--loader-workers must be >= 0 or 'auto', got {self.loader_workers}")
         if self.save_every is not None and self.save_every < 1:
             raise ValueError(f"--save-every must be >= 1, got {self.save_every}")
-        if not (Path(self.shards) / "manifest.json").exists():
-            raise ValueError(
-                f"{self.shards} has no manifest.json: build it with `mvprep build ... --out "
-                f"{self.shards}` (or finish that build by re-running it)"
-            )
+        from mvtrain.batching.sources import parse_sources
+
+        for source in parse_sources(self.shards):
+            if not (Path(source.path) / "manifest.json").exists():
+                raise ValueError(
+                    f"{source.path} has no manifest.json: build it with `mvprep build ... "
+                    f"--out {source.path}` (or finish that build by re-running it)"
+                )

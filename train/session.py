@@ -3,7 +3,8 @@
 :func:`setup` checks the output folder (a previous run there needs ``--resume`` or
 ``--overwrite``), starts the process group, loads the model (refusing shards of another
 family), fills ``auto`` budgets from the memory plan, counts exact token lengths (rank 0,
-cached), plans the epochs, builds the engine, resumes from the newest checkpoint (keeping its
+cached, per ``--shards`` folder), mixes the folders (:mod:`mvtrain.batching.sources`), plans
+the epochs, builds the engine, resumes from the newest checkpoint (keeping its
 learning-rate schedule unless ``--schedule-change``) and writes ``run.json``.
 """
 
@@ -23,6 +24,7 @@ from mvshards.profiles import get_profile
 from mvshards.units import GiB
 from mvtrain.batching.epochs import EpochPlans, plan_epochs
 from mvtrain.batching.plan_index import PlanIndex
+from mvtrain.batching.sources import SourceMix, check_compatible, parse_sources
 from mvtrain.checkpoint import TrainState, load_checkpoint
 from mvtrain.data.lengths import exact_lengths
 from mvtrain.data.loader import default_loader_workers
@@ -58,8 +60,8 @@ class Session:
     profile: str
     adapter: Adapter
     epochs: EpochPlans
-    shard_paths: list[Path]
-    key_shard: dict[str, int]
+    mix: SourceMix
+    """The ``--shards`` folders: names, weights, where each sample id lives."""
     engine: Engine | None
     state: TrainState
     workers: int
@@ -85,14 +87,21 @@ def setup(config: RunConfig) -> Session:
     output = _prepare_output(config, info, stale)
     torch.manual_seed(config.seed)
 
-    index = load_index(Path(config.shards))
-    profile = index.params["profile"]
+    sources = parse_sources(config.shards)
+    indexes = [load_index(Path(source.path)) for source in sources]
+    for index in indexes:
+        index.check_shard_files()
+    check_compatible([s.path for s in sources], [index.params for index in indexes])
+    profile = indexes[0].params["profile"]
     bundle, tokenizer = _load_model(config, profile, precision)
     planned_peak = None
     if config.token_budget is None or config.patch_budget is None:
         config, planned_peak = _auto_budgets(config, info, use_ds)
-    lengths = _exact_lengths(config, index, tokenizer, profile, info, faults)
-    epochs = plan_epochs(config, _plan_index(index, lengths), info, CostModel.for_profile(profile))
+    lengths = [_exact_lengths(config, ix, tokenizer, profile, info, faults) for ix in indexes]
+    mix = SourceMix.build(
+        sources, indexes, [_plan_index(ix, n) for ix, n in zip(indexes, lengths, strict=True)]
+    )
+    epochs = plan_epochs(config, mix, info, CostModel.for_profile(profile))
     engine, state = _engine_and_state(config, bundle, info, device, use_ds, precision, epochs)
     session = Session(
         config=config,
@@ -104,8 +113,7 @@ def setup(config: RunConfig) -> Session:
         profile=profile,
         adapter=adapter_for(profile, tokenizer),
         epochs=epochs,
-        shard_paths=index.shard_paths(),
-        key_shard={k: int(s) for k, s in zip(index.keys, index.shard_ids, strict=True)},
+        mix=mix,
         engine=engine,
         state=state,
         workers=_loader_workers(config, device),
@@ -115,7 +123,7 @@ def setup(config: RunConfig) -> Session:
             "precision": precision.as_dict(),
             "cuda_alloc_conf": alloc_conf,
             "params": parameter_counts(bundle.model) if bundle else None,
-            "exact_length_recount": lengths.recounted,
+            "exact_length_recount": any(n.recounted for n in lengths),
             "predicted_peak_bytes": planned_peak,
         }
         _write_run_json(session, run_record)
@@ -244,7 +252,10 @@ def _loader_workers(config: RunConfig, device: torch.device) -> int:
 def _write_run_json(session: Session, extra: dict[str, Any]) -> None:
     config, engine = session.config, session.engine
     record = {
-        "config": {k: str(v) for k, v in vars(config).items()},
+        "config": {
+            **{k: str(v) for k, v in vars(config).items()},
+            "shards": " ".join(str(s) for s in session.mix.sources),
+        },
         "world_size": session.info.world_size,
         "engine": engine.name if engine else "dry-run",
         "precision": extra["precision"],
@@ -253,6 +264,7 @@ def _write_run_json(session: Session, extra: dict[str, Any]) -> None:
         "params": extra["params"],
         "steps_per_epoch": session.epochs.steps,
         "plan": {str(e): r for e, r in session.epochs.report.items()},
+        "sources": _sources_record(session),
         "exact_length_recount": extra["exact_length_recount"],
         "budgets": {"tokens": config.token_budget, "patches": config.patch_budget},
         "predicted_peak_bytes": extra["predicted_peak_bytes"],
@@ -260,6 +272,19 @@ def _write_run_json(session: Session, extra: dict[str, Any]) -> None:
         "lr_schedule_changes": [e for e in session.state.events if e.get("event") == CHANGE_EVENT],
     }
     (session.output / "run.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def _sources_record(session: Session) -> list[dict[str, Any]]:
+    """Per ``--shards`` folder: name, path, weight, samples in it and per epoch, and the
+    samples, tokens and skipped samples all ranks' plans hold per epoch."""
+    records = session.mix.describe()
+    reports = [session.epochs.report[e] for e in sorted(session.epochs.report)]
+    for record in records:
+        counts = [r["sources"][record["name"]] for r in reports if "sources" in r]
+        record["planned_samples_per_epoch"] = [c["samples"] for c in counts]
+        record["planned_tokens_per_epoch"] = [c["tokens"] for c in counts]
+        record["skipped_per_epoch"] = [c["skipped"] for c in counts]
+    return records
 
 
 def _auto_budgets(config: RunConfig, info: DistInfo, use_deepspeed: bool) -> tuple[RunConfig, int]:
@@ -275,7 +300,7 @@ def _auto_budgets(config: RunConfig, info: DistInfo, use_deepspeed: bool) -> tup
         gpu_mem = torch.cuda.get_device_properties(info.local_rank).total_memory
     fit = make_plan(
         PlanRequest(
-            shards=Path(config.shards),
+            shards=config.shards,
             model=config.model,
             gpus=info.world_size,
             gpu_mem=gpu_mem,

@@ -7,7 +7,8 @@ the batches.
 
 One host sync per step: nothing in the forward/backward rounds reads a device value on the
 host. At the end of the window one all-gather brings every rank's outcome (out of memory or
-not, budget proposals, loss sum, label and token counts) to every rank, which is read once.
+not, budget proposals, loss sum, label and token counts, and per loss group -- the samples'
+sources -- the loss sum and label count) to every rank, which is read once.
 
 Out of memory (``torch.OutOfMemoryError``, raised on the host by the allocator):
 
@@ -42,7 +43,7 @@ from mvtrain.data.loader import MicroBatch, to_device
 from mvtrain.distributed import DistInfo, all_gather_rows
 from mvtrain.faults import Faults
 from mvtrain.metrics import BatchLog
-from mvtrain.model.adapters import Adapter
+from mvtrain.model.adapters import Adapter, TokenLoss
 from mvtrain.oom import (
     BackwardOomError,
     WindowProgress,
@@ -68,6 +69,15 @@ class WindowResult:
     tokens: int = 0
     """Real tokens trained in the window on all ranks."""
     events: list[dict[str, Any]] = field(default_factory=list)
+    group_loss: dict[str, float] = field(default_factory=dict)
+    """Per loss group with label tokens in the window (all ranks): its token losses summed."""
+    group_labels: dict[str, int] = field(default_factory=dict)
+    """Per loss group with label tokens in the window (all ranks): its label tokens."""
+
+    @property
+    def loss_by_group(self) -> dict[str, float]:
+        """Each group's token-weighted mean loss over the window on all ranks."""
+        return {g: self.group_loss[g] / n for g, n in self.group_labels.items() if n}
 
 
 @dataclass
@@ -81,6 +91,8 @@ class _Outcome:
     loss_sum: float
     label_count: int
     real_tokens: int
+    group_loss: list[float] = field(default_factory=list)
+    group_labels: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +112,9 @@ class WindowRunner:
     planned_budgets: Budgets | None = None
     """The budgets the epoch was planned with: while the live ones are not lower, no
     micro-batch is split and ranks need not exchange queue lengths."""
+    groups: tuple[str, ...] = ()
+    """The loss groups (every rank's the same, in the same order) a sample's
+    ``MicroBatch.sources`` label may name; empty: no per-group loss."""
 
     @property
     def lockstep(self) -> bool:
@@ -138,7 +153,16 @@ class WindowRunner:
                 self.engine.step()
                 self._log_batches(step, state)
                 loss = outcome.loss_sum / max(outcome.label_count, 1)
-                return WindowResult(loss, budgets, outcome.real_tokens, events)
+                return WindowResult(
+                    loss,
+                    budgets,
+                    outcome.real_tokens,
+                    events,
+                    group_loss=dict(zip(self.groups, outcome.group_loss, strict=True)),
+                    group_labels={
+                        g: int(n) for g, n in zip(self.groups, outcome.group_labels, strict=True)
+                    },
+                )
             free_memory()
             old = budgets.as_dict()
             budgets = Budgets(outcome.tokens, outcome.patches)
@@ -189,11 +213,13 @@ class WindowRunner:
         """One round: forward and backward of ``batch`` (None: a filler when in lockstep)."""
         rank = self.info.rank
         loss_sum = None
+        rows: TokenLoss | None = None
         if batch is not None:
             try:
                 if self.faults.oom_hits("forward", rank, batch.weight, batch.padded_tokens):
                     raise torch.OutOfMemoryError(f"injected OOM at {batch.padded_tokens} tokens")
-                loss_sum = self._forward(batch)
+                rows = self._forward(batch)
+                loss_sum = rows.loss
             except torch.OutOfMemoryError:
                 loss_sum = None
                 state.failed.append(batch)
@@ -205,7 +231,7 @@ class WindowRunner:
                 return
             batch = filler_batch(batch or like, self.adapter)
             try:
-                loss_sum = self._forward(batch)
+                loss_sum = self._forward(batch).loss
             except torch.OutOfMemoryError:
                 self._stop_for_restart(batch, budgets, state, "forward of a filler")
         if batch.weight == 0:
@@ -218,12 +244,37 @@ class WindowRunner:
             self._backward_oom(batch, budgets, state)
             return
         if not filler:
-            state.done.append((batch, loss_sum.detach()))
+            assert rows is not None
+            state.done.append((batch, loss_sum.detach(), (rows.row_loss, rows.row_count)))
 
-    def _forward(self, batch: MicroBatch) -> torch.Tensor:
+    def _forward(self, batch: MicroBatch) -> TokenLoss:
+        """The batch's loss sum and label count, with its per-row sums."""
         inputs = to_device(batch.inputs, self.device)
-        loss_sum, _count = self.adapter.forward_loss(self.engine, inputs)
-        return loss_sum
+        return self.adapter.forward_loss(self.engine, inputs)
+
+    def _group_sums(self, state: WindowProgress) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per loss group: the window's token losses summed and its label tokens, on the
+        device (weighted micro-batches only; a zero-weight one counts for nothing)."""
+        size = len(self.groups)
+        loss = torch.zeros(size, dtype=torch.float64, device=self.device)
+        labels = torch.zeros(size, dtype=torch.float64, device=self.device)
+        if not size:
+            return loss, labels
+        position = {g: i for i, g in enumerate(self.groups)}
+        for batch, _, rows in state.done:
+            if batch.weight == 0:
+                continue
+            unknown = [g for g in batch.sources if g not in position]
+            if unknown or len(batch.sources) != len(batch.keys):
+                raise ValueError(
+                    f"micro-batch {batch.position}: sample group {unknown[:1] or '(missing)'} "
+                    f"is not one of this run's loss groups {list(self.groups)}"
+                )
+            index = torch.tensor([position[g] for g in batch.sources], device=self.device)
+            row_loss, row_count = rows
+            loss.index_add_(0, index, row_loss.to(self.device, torch.float64))
+            labels.index_add_(0, index, row_count.to(self.device, torch.float64))
+        return loss, labels
 
     def _backward_oom(self, batch: MicroBatch, budgets: Budgets, state: WindowProgress) -> None:
         if not self._deepspeed:
@@ -253,12 +304,16 @@ class WindowRunner:
         oom = bool(state.failed) or state.backward_batch is not None
         tokens, patches = state.proposal or (budgets.tokens, budgets.patches)
         if state.done:
-            loss = torch.stack([loss for _, loss in state.done]).sum().to(torch.float64)
+            loss = torch.stack([loss for _, loss, _ in state.done]).sum().to(torch.float64)
         else:
             loss = torch.zeros((), dtype=torch.float64, device=self.device)
         real = sum(b.real_tokens for b in window if b.weight)
         host = [float(oom), float(tokens), float(patches), float(labels_here), float(real)]
-        rows = all_gather_rows([*host, loss], self.device)
+        group_loss, group_labels = self._group_sums(state)
+        rows = all_gather_rows(
+            [*host, loss, *group_loss.unbind(), *group_labels.unbind()], self.device
+        )
+        size = len(self.groups)
         return _Outcome(
             any_oom=any(row[0] for row in rows),
             tokens=int(min(row[1] for row in rows)),
@@ -266,6 +321,8 @@ class WindowRunner:
             label_count=int(sum(row[3] for row in rows)),
             real_tokens=int(sum(row[4] for row in rows)),
             loss_sum=float(sum(row[5] for row in rows)),
+            group_loss=[sum(row[6 + g] for row in rows) for g in range(size)],
+            group_labels=[sum(row[6 + size + g] for row in rows) for g in range(size)],
         )
 
     def _pending(
@@ -324,8 +381,8 @@ class WindowRunner:
     def _log_batches(self, step: int, state: WindowProgress) -> None:
         if not self.batch_log.enabled or not state.done:
             return
-        values = torch.stack([loss for _, loss in state.done]).tolist()
-        for micro, ((batch, _), value) in enumerate(zip(state.done, values, strict=True)):
+        values = torch.stack([loss for _, loss, _ in state.done]).tolist()
+        for micro, ((batch, _, _), value) in enumerate(zip(state.done, values, strict=True)):
             count = batch.num_label_tokens
             self.batch_log.write(
                 self.info.rank, step, micro, batch, value / count if count else None

@@ -5,8 +5,8 @@ One task per unit, carrying only the :class:`~mvprep.unit.UnitSpec` (a record ra
 its own records from the data file and its images from disk (both must be at the same path
 on every node, e.g. a shared file system) and writes its shard and index entry into the
 output folder itself. Only the index entry (rows of numbers and the rejects) comes back to
-the driver. The data file is indexed once, by the driver: its record offsets go into Ray's
-object store once and every task adopts them (zero-copy), so no worker scans the file.
+the driver. The data files are indexed once, by the driver: their record offsets go into
+Ray's object store once and every task adopts them (zero-copy), so no worker scans a file.
 
 Failures, the same rules as the local pool (:mod:`mvprep.pool`):
 
@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvprep.inputs import adopt_inputs, open_inputs, share_inputs
 from mvprep.options import BuildOptions
 from mvprep.pool import RetryPolicy, UnitOutcome
-from mvprep.readers import SharedOffsets, adopt_offsets, open_dataset, share_offsets
+from mvprep.readers import SharedOffsets
 from mvprep.runners.journal import Journal, journal_path, mark_timeout, running_since
 from mvprep.unit import FAULT_ENV, UnitEvents, UnitSpec, run_unit
 
@@ -118,12 +119,12 @@ def _unit_task(
     spec: UnitSpec,
     options: BuildOptions,
     policy: RetryPolicy,
-    offsets: SharedOffsets | None,
+    offsets: list[SharedOffsets] | None,
     fault: str | None,
 ) -> tuple[str, Any, list[str]]:
     """Body of the Ray task: ``("done", entry, deaths)`` or ``("gave_up", why, deaths)``."""
-    if offsets is not None:
-        adopt_offsets(offsets)  # the driver's index of the data file: no re-scan here
+    if offsets is not None:  # the driver's index of the data files: no re-scan here
+        adopt_inputs(offsets, options.data_paths)
     if fault:  # tests only: the driver's fault injection travels with the task
         os.environ[FAULT_ENV] = fault
     else:
@@ -204,7 +205,7 @@ class RayRunner:
         try:
             remote = ray.remote(_unit_task)
             fault = os.environ.get(FAULT_ENV) or None
-            offsets = ray.put(share_offsets(open_dataset(Path(self.options.data_path))))
+            offsets = ray.put(share_inputs(open_inputs(self.options.data_paths)))
 
             def submit(spec: UnitSpec) -> None:
                 ref = remote.options(

@@ -2,7 +2,8 @@
 
 Steps per epoch are equal on every rank (:func:`~mvtrain.batching.schedule.equal_step_plans`
 pads the short ranks); with ``--max-steps`` epochs are planned until the steps are reached
-and the last is cut there.
+and the last is cut there. With several weighted sources (:class:`SourceMix`) each epoch
+plans its own sample set (:meth:`SourceMix.epoch_index`), so steps may differ per epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mvtrain.batching.schedule import (
     equal_step_plans,
     plan_report,
 )
+from mvtrain.batching.sources import SourceMix
 from mvtrain.budgets import Budgets
 from mvtrain.distributed import DistInfo
 from mvtrain.run_config import RunConfig
@@ -33,13 +35,18 @@ class EpochPlans:
     report: dict[int, dict[str, Any]]
     skipped: dict[int, list[Oversize]] = field(default_factory=dict)
     """Per epoch, every rank's samples over a budget on their own (never trained)."""
+    mix: SourceMix | None = None
+    """The sources the epochs were planned from (None: a bare plan index)."""
 
     def skipped_rows(self) -> list[dict[str, Any]]:
-        """One row per skipped sample and epoch: key, its costs alone, the reason."""
+        """One row per skipped sample and epoch: its id and source, its costs alone, the
+        reason."""
+        source = self.mix.locator.source_of if self.mix is not None else None
         return [
             {
                 "epoch": epoch,
                 "key": o.sample.key,
+                **({"source": source(o.sample.key)} if source is not None else {}),
                 "padded_tokens": o.padded_tokens,
                 "padded_patches": o.padded_patches,
                 "reason": o.reason,
@@ -58,16 +65,22 @@ class EpochPlans:
 
 
 def plan_epochs(
-    config: RunConfig, index: PlanIndex, info: DistInfo, cost_model: CostModel
+    config: RunConfig, index: PlanIndex | SourceMix, info: DistInfo, cost_model: CostModel
 ) -> EpochPlans:
+    """Every epoch's plan for ``info.rank`` from ``index`` (the same each epoch) or a mix of
+    sources (each epoch its own weighted sample set); per epoch the report of all ranks'
+    plans, with per-source counts under ``"sources"`` for a mix."""
+    mix = index if isinstance(index, SourceMix) else None
     budgets = config.budgets
     steps: list[int] = []
     plans: dict[int, RankPlan] = {}
     reports: dict[int, dict[str, Any]] = {}
     skipped: dict[int, list[Oversize]] = {}
-    for epoch in range(config.epochs if config.max_steps is None else 10**6):
+    for epoch in range(config.epoch_limit):
+        epoch_index = mix.epoch_index(config.seed, epoch) if mix is not None else index
+        assert isinstance(epoch_index, PlanIndex)
         rank_plans = all_rank_plans(
-            index,
+            epoch_index,
             config.seed,
             epoch,
             info.world_size,
@@ -76,11 +89,13 @@ def plan_epochs(
             shuffle_buffer=config.shuffle_buffer,
         )
         n, padded = equal_step_plans(rank_plans, config.grad_accum)
-        if n == 0:  # every epoch plans the same samples under the same budgets
-            raise EmptyPlanError(nothing_to_train(index, rank_plans, budgets))
+        if n == 0:  # every epoch plans the same samples (or draws) under the same budgets
+            raise EmptyPlanError(nothing_to_train(epoch_index, rank_plans, budgets))
         steps.append(n)
         plans[epoch] = padded[info.rank]
         reports[epoch] = plan_report(rank_plans)
+        if mix is not None:
+            reports[epoch]["sources"] = mix.plan_counts(rank_plans)
         skipped[epoch] = [o for plan in rank_plans for o in plan.oversize]
         if config.max_steps is not None and sum(steps) >= config.max_steps:
             break
@@ -90,7 +105,7 @@ def plan_epochs(
             trimmed.append(min(n, total))
             total -= trimmed[-1]
         steps = trimmed
-    return EpochPlans(steps, plans, reports, skipped)
+    return EpochPlans(steps, plans, reports, skipped, mix)
 
 
 class EmptyPlanError(ValueError):

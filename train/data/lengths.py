@@ -4,7 +4,8 @@ The index holds exact token counts only when ``mvprep build`` ran with the same 
 the trainer uses. Otherwise the trainer recounts once: it reads only the JSON member of
 every sample (images are skipped by seeking past them), tokenizes the text exactly as the
 training stream will, and caches the result in the run's output folder, keyed by the
-shards' hashes and the tokenizer's fingerprint.
+shards' hashes and the tokenizer's fingerprint. A run over several ``--shards`` folders
+counts (and caches) each folder on its own: rows and slice-table keys are that folder's.
 
 The slice costs (what the 2.6 family's cost model reads) come from the index's per-image
 table; an index built before the table existed has them recomputed from the same JSON.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,12 @@ from tqdm import tqdm
 
 from mvshards.cost import SampleCost
 from mvshards.index import DatasetIndex
+from mvshards.lengths_cache import (
+    cache_path,
+    dataset_hash,
+    read_lengths_cache,
+    write_lengths_cache,
+)
 from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
 from mvtrain.data.tokenize import tokenize_sample
@@ -71,23 +77,21 @@ def exact_lengths(
 ) -> ExactLengths:
     """Exact lengths for every index row, from the cache, the index, or a recount."""
     fingerprint = tokenizer_fingerprint(tokenizer)
-    shard_hash = hashlib.sha256("".join(s.sha256 for s in index.shards).encode()).hexdigest()[:16]
+    shard_hash = dataset_hash(s.sha256 for s in index.shards)
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"lengths-{shard_hash}-{fingerprint}-{profile_name}.json"
+        cache = cache_path(Path(cache_dir), shard_hash, fingerprint, profile_name)
         if cache.exists():
-            saved = json.loads(cache.read_text())
+            saved = read_lengths_cache(cache)
             return ExactLengths(
-                np.asarray(saved["tokens"], dtype=np.int64),
-                {k: (int(a), int(b)) for k, (a, b) in saved["slices"].items()},
-                recounted=False,
-                mismatches=int(saved["mismatches"]),
+                saved.tokens, saved.slices, recounted=False, mismatches=saved.mismatches
             )
     position = {key: i for i, key in enumerate(index.keys)}
     tokens = np.asarray(index.num_tokens, dtype=np.int64).copy()
     slices = _index_slices(index, profile_name)
     mismatches = 0
-    for shard in tqdm(index.shard_paths(), desc="exact lengths", disable=not progress):
+    desc = f"exact lengths {Path(index.out).name}"
+    for shard in tqdm(index.shard_paths(), desc=desc, disable=not progress):
         for obj in iter_sample_json(shard):
             meta = SampleMeta.from_json(obj)
             exact = len(tokenize_sample(meta, tokenizer, profile_name).input_ids)
@@ -100,15 +104,7 @@ def exact_lengths(
                 slices[meta.key] = (cost.slices, cost.max_patches_per_slice)
     result = ExactLengths(tokens, slices, recounted=True, mismatches=mismatches)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(
-            json.dumps(
-                {"tokens": tokens.tolist(), "slices": slices, "mismatches": mismatches},
-                separators=(",", ":"),
-            )
-        )
-        tmp.replace(cache)
+        write_lengths_cache(cache, tokens, slices, mismatches)
     return result
 
 

@@ -1,11 +1,13 @@
 """Fetch planned micro-batches from the shards: read by key, decode, tokenize, collate.
 
 The schedule (``mvtrain.batching.schedule``) says which samples form each micro-batch, in
-order. The loader reads each sample's members straight from its tar (member offsets come
-from one header scan per shard, cached), turns them into model inputs with the family's
-adapter, and yields micro-batches in schedule order. With DataLoader workers, worker ``w``
-builds micro-batches ``i`` with ``i % num_workers == w``, which the DataLoader interleaves
-back into order.
+order, by their ids in the run (``NAME/KEY`` with several ``--shards``); a
+:class:`~mvtrain.batching.sources.SampleLocator` maps each id to its shard file, its key
+there and its source. The loader reads each sample's members straight from its tar (member
+offsets come from one header scan per shard, cached), turns them into model inputs with the
+family's adapter, and yields micro-batches in schedule order. With DataLoader workers,
+worker ``w`` builds micro-batches ``i`` with ``i % num_workers == w``, which the DataLoader
+interleaves back into order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mvshards.schema import SampleMeta
 from mvshards.tario import split_member_name
 from mvtrain.batching.schedule import RankPlan
+from mvtrain.batching.sources import SampleLocator, sample_group
 from mvtrain.data.sample import LoadedSample, load_sample
 from mvtrain.model.adapters import Adapter
 
@@ -34,8 +37,20 @@ AUTO_WORKERS = 4
 """Most DataLoader workers per rank that ``--loader-workers auto`` starts on CUDA."""
 
 
+class ShardReadError(Exception):
+    """A shard does not hold what its index says (one line, naming the shard, the sample and
+    the fix: ``mvprep verify``)."""
+
+    def __init__(self, shard: Path, key: str, problem: str) -> None:
+        super().__init__(
+            f"{shard}: sample {key} {problem}; the shard is damaged or changed since the index "
+            f"was written: run `mvprep verify {shard.parent}` and rebuild the shards it names"
+        )
+
+
 class ShardAccess:
-    """Random access to a sample's members by key; one header scan per shard."""
+    """Random access to a sample's members by key; one header scan per shard. A shard that
+    cannot be read as its index says raises :class:`ShardReadError`."""
 
     def __init__(self, shard_paths: list[Path]) -> None:
         self.shard_paths = shard_paths
@@ -53,16 +68,24 @@ class ShardAccess:
         return found
 
     def members(self, shard_id: int, key: str) -> dict[str, bytes]:
+        path = self.shard_paths[shard_id]
         table = self._offsets.get(shard_id)
         if table is None:
-            table = self._offsets[shard_id] = self._scan(shard_id)
+            try:
+                table = self._offsets[shard_id] = self._scan(shard_id)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ShardReadError(path, key, f"cannot be read ({exc})") from exc
         if key not in table:
-            raise KeyError(f"sample {key} is not in {self.shard_paths[shard_id]}")
+            raise ShardReadError(path, key, "is not in it")
         out: dict[str, bytes] = {}
-        with open(self.shard_paths[shard_id], "rb") as handle:
+        with open(path, "rb") as handle:
             for ext, offset, size in table[key]:
                 handle.seek(offset)
                 out[ext] = handle.read(size)
+                if len(out[ext]) != size:
+                    raise ShardReadError(path, key, f"is cut short (member .{ext})")
+        if "json" not in out:
+            raise ShardReadError(path, key, "has no .json member")
         return out
 
 
@@ -72,6 +95,7 @@ class MicroBatch:
 
     position: int
     keys: list[str]
+    """The samples' ids in the run (their keys with one source, ``NAME/KEY`` with several)."""
     weight: float
     inputs: dict[str, Any]
     max_len: int
@@ -84,6 +108,9 @@ class MicroBatch:
     length_mismatches: list[str]
     samples: list[LoadedSample]
     """The loaded samples, kept so an OOM can split the micro-batch and re-collate."""
+    sources: list[str] = field(default_factory=list)
+    """Per sample (row), its loss-group label: the source's name (``NAME/CHANNEL`` once
+    samples carry a channel)."""
 
     def pin_memory(self) -> MicroBatch:
         """The model inputs in page-locked memory, so ``non_blocking`` copies to the GPU
@@ -100,15 +127,15 @@ class PlannedBatches(IterableDataset):
         plan: RankPlan,
         start: int,
         stop: int,
-        shard_paths: list[Path],
-        key_shard: dict[str, int],
+        locator: SampleLocator,
         tokenizer: Any,
         profile_name: str,
         adapter: Adapter,
     ) -> None:
         super().__init__()
         self.plan, self.start, self.stop = plan, start, stop
-        self.shard_paths, self.key_shard = shard_paths, key_shard
+        self.locator = locator
+        self.shard_paths = list(locator.shard_paths)
         self.tokenizer, self.profile_name, self.adapter = tokenizer, profile_name, adapter
 
     def __iter__(self) -> Iterator[MicroBatch]:
@@ -125,9 +152,17 @@ class PlannedBatches(IterableDataset):
         samples = []
         mismatches = []
         for cost in planned.samples:
-            members = access.members(self.key_shard[cost.key], cost.key)
-            meta = SampleMeta.from_json(_json(members, cost.key))
-            loaded = load_sample(meta, members, self.tokenizer, self.profile_name)
+            shard, key, source = self.locator.locate(cost.key)
+            members = access.members(shard, key)
+            meta = SampleMeta.from_json(json.loads(members["json"]))
+            loaded = load_sample(
+                meta,
+                members,
+                self.tokenizer,
+                self.profile_name,
+                uid=cost.key,
+                source=sample_group(source),
+            )
             if len(loaded.tokenized) != cost.tokens:
                 mismatches.append(
                     f"{cost.key}: planned {cost.tokens} tokens, tokenized {len(loaded.tokenized)}"
@@ -150,7 +185,7 @@ def make_micro_batch(
     padded_tokens, padded_patches = adapter.padded_cost(samples)
     return MicroBatch(
         position=position,
-        keys=[s.meta.key for s in samples],
+        keys=[s.id for s in samples],
         weight=weight,
         inputs=inputs,
         max_len=max(lengths),
@@ -162,13 +197,8 @@ def make_micro_batch(
         has_images=any(patches),
         length_mismatches=length_mismatches or [],
         samples=samples,
+        sources=[s.source for s in samples],
     )
-
-
-def _json(members: dict[str, bytes], key: str) -> Any:
-    if "json" not in members:
-        raise KeyError(f"sample {key} has no .json member")
-    return json.loads(members["json"])
 
 
 def default_loader_workers(cuda: bool) -> int:

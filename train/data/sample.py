@@ -24,12 +24,28 @@ class LoadedSample:
     """Per (sub)image, in vision order: ``[3, 14, H*W/14]`` float32."""
     tgt_sizes: list[tuple[int, int]]
     """Per (sub)image: patch grid ``(H/14, W/14)``."""
+    uid: str = ""
+    """The sample's id in the run (``NAME/KEY`` with several sources); empty: its key."""
+    source: str = ""
+    """Its loss-group label (:func:`mvtrain.batching.sources.sample_group`)."""
+
+    @property
+    def id(self) -> str:
+        """The sample's id in the run: :attr:`uid`, else its key."""
+        return self.uid or self.meta.key
 
 
 def load_sample(
-    meta: SampleMeta, members: Mapping[str, bytes], tokenizer: Any, profile_name: str
+    meta: SampleMeta,
+    members: Mapping[str, bytes],
+    tokenizer: Any,
+    profile_name: str,
+    *,
+    uid: str = "",
+    source: str = "",
 ) -> LoadedSample:
-    """Tokenize ``meta`` and decode its images from ``members`` (``{ext: bytes}``)."""
+    """Tokenize ``meta`` and decode its images from ``members`` (``{ext: bytes}``); ``uid``
+    and ``source`` are its id in the run and its loss group."""
     tokenized = tokenize_sample(meta, tokenizer, profile_name)
     pixel_values, tgt_sizes = sample_pixels(meta, members, get_profile(profile_name).family)
-    return LoadedSample(meta, tokenized, pixel_values, tgt_sizes)
+    return LoadedSample(meta, tokenized, pixel_values, tgt_sizes, uid=uid, source=source)

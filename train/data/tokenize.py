@@ -16,12 +16,17 @@ piece, and since every span starts and ends with a special (added) token, which 
 tokenizer splits out before BPE, the pieces tokenize the same inside the whole text
 (see ``mvprep.tokens.HFTokenCounter``).
 
-Image spans follow each family's processor and labels the official fine-tuning rule with
-one deliberate difference: :func:`tokenize_sample` and :func:`_labels` give both exactly.
+Image spans follow each family's processor; labels follow one of :data:`LABEL_RULES` (the
+family's ``label_rule`` by default: ``"official"`` for the 2.6 family, ``"mvkit"`` for 4.6).
+:func:`tokenize_sample` and :func:`_labels` give both exactly.
 
 Assistant content is located in the rendered text exactly (a second render with markers in
-place of the assistant contents, see :func:`_assistant_ranges`) and mapped to tokens with
-the fast tokenizer's offsets: a token is labelled when its characters overlap the content.
+place of the assistant contents, see :func:`_assistant_ranges`); when the chat template
+rewrites it (thinking templates move ``<think>...</think>`` and strip newlines), each assistant
+turn's region between its role header and its end of turn is used instead. Ranges are mapped
+to tokens with the fast tokenizer's offsets: a token is labelled when it *starts* inside the
+range (a token that straddles the role header's newline and the content's, e.g. ``"\n\n"``,
+belongs to the header, as in the official code).
 """
 
 from __future__ import annotations
@@ -37,6 +42,18 @@ from mvshards.schema import SampleMeta
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
+START_OF_TURN = "<|im_start|>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+"""The empty reasoning block thinking templates (MiniCPM-V 4.5, Qwen3) write before the last
+answer when it has none: template text, never labelled (the official code's ``offset = 4``)."""
+
+LABEL_RULES = ("mvkit", "official")
+"""``"mvkit"``: every assistant turn's content and its end-of-turn token. ``"official"``: the
+same plus, per assistant turn, one more target -- the position right after the end-of-turn
+token (the template's newline) is labelled with the eos id (``tokenizer.eot_id`` if the
+tokenizer has one, else ``eos_token_id``), so that the logits *at* ``<|im_end|>`` learn to
+predict eos, exactly as the official ``finetune/dataset.py`` builds ``target`` (``context[i] ==
+1 and context[i - 1] == 0`` -> ``target[i - 1] = eos``)."""
 
 
 class TokenizeError(ValueError):
@@ -74,8 +91,22 @@ def end_of_turn_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def tokenize_sample(meta: SampleMeta, tokenizer: Any, profile_name: str) -> TokenizedSample:
-    """Tokenize ``meta``'s conversation with real image spans; labels by :func:`_labels`.
+def eos_target_id(tokenizer: Any) -> int:
+    """The extra target of the ``"official"`` rule: ``tokenizer.eot_id`` when the tokenizer
+    has one (as the official code checks), else its eos id."""
+    eot = getattr(tokenizer, "eot_id", None)
+    if eot is not None:
+        return int(eot)
+    if tokenizer.eos_token_id is None:
+        raise TokenizeError("the official label rule needs an eos token; the tokenizer has none")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_sample(
+    meta: SampleMeta, tokenizer: Any, profile_name: str, label_rule: str | None = None
+) -> TokenizedSample:
+    """Tokenize ``meta``'s conversation with real image spans; labels by :func:`_labels`
+    under ``label_rule`` (one of :data:`LABEL_RULES`; None: the profile family's).
 
     Image spans (``<image_id>k</image_id>`` only when the stored ``image_id`` is not None):
 
@@ -88,6 +119,9 @@ def tokenize_sample(meta: SampleMeta, tokenizer: Any, profile_name: str) -> Toke
       with ``new_schema``): the same shape with ``<unk>`` * 64 per (sub)image.
     """
     profile = get_profile(profile_name)
+    rule = label_rule or profile.family.label_rule
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label rule must be one of {', '.join(LABEL_RULES)}, got {rule!r}")
     tokens = span_tokens(tokenizer, profile.family)
     spans = [image_span_text(entry, profile, tokens) for entry in meta.images]
     turns = expand_placeholders(meta.conversations, meta.image_names, spans)
@@ -102,7 +136,8 @@ def tokenize_sample(meta: SampleMeta, tokenizer: Any, profile_name: str) -> Toke
     input_ids = [int(t) for t in enc["input_ids"]]
     offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
     ranges = _assistant_ranges(meta.key, tokenizer, turns, rendered)
-    labels = _labels(ranges, input_ids, offsets, end_of_turn_id(tokenizer))
+    extra = eos_target_id(tokenizer) if rule == "official" else None
+    labels = _labels(ranges, input_ids, offsets, end_of_turn_id(tokenizer), extra)
     expected = [n for entry in meta.images for n in subimage_query_counts(entry, profile)]
     query_id = tokenizer.convert_tokens_to_ids(tokens.query)
     image_spans = _query_runs(input_ids, query_id)
@@ -133,13 +168,17 @@ def _query_runs(input_ids: Sequence[int], query_id: int) -> list[tuple[int, int]
 def _assistant_ranges(
     key: str, tokenizer: Any, turns: Sequence[dict[str, str]], rendered: str
 ) -> list[tuple[int, int]]:
-    """Character ranges ``[start, end)`` of every assistant turn's content in ``rendered``.
+    """Character ranges ``[start, end)`` of every assistant turn's answer in ``rendered``.
 
     Exact method: render again with each assistant content replaced by a unique marker, cut
     at the markers, and put the contents back; when that rebuilds ``rendered`` exactly, the
-    template wrote the contents verbatim and the ranges are known. Otherwise (a template that
-    rewrites content) each content (or, failing that, the content stripped of surrounding
-    whitespace) is searched in order past the previous turn's.
+    template wrote the contents verbatim and the ranges are known. Otherwise the template
+    rewrote a content (a thinking template moves ``<think>R</think>`` into its own block and
+    strips newlines; another one trims), and each assistant turn's range is its whole region
+    from the end of its role header (``<|im_start|>assistant\n``) to its end-of-turn token,
+    which is what the official code labels; without such headers, each content (or, failing
+    that, the content stripped) is searched in order. In both cases an empty reasoning block
+    (:data:`EMPTY_THINK`) that opens the last answer is template text and left out.
     """
     assistant = [n for n, turn in enumerate(turns) if turn["role"] == "assistant"]
     markers = [f"\x00mvkit-assistant-{n}\x00" for n in assistant]
@@ -151,15 +190,46 @@ def _assistant_ranges(
         pieces = split_at_markers(text, markers)
     except ValueError:
         pieces = None
+    ranges: list[tuple[int, int]] | None = None
     if pieces is not None:
-        ranges: list[tuple[int, int]] = []
+        found: list[tuple[int, int]] = []
         rebuilt = pieces[0]
         for n, piece in zip(assistant, pieces[1:], strict=True):
-            ranges.append((len(rebuilt), len(rebuilt) + len(turns[n]["content"])))
+            found.append((len(rebuilt), len(rebuilt) + len(turns[n]["content"])))
             rebuilt += turns[n]["content"] + piece
         if rebuilt == rendered:
-            return ranges
-    ranges = []
+            ranges = found
+    if ranges is None:
+        ranges = _header_regions(rendered, len(assistant))
+    if ranges is None:
+        ranges = _search_contents(key, turns, rendered)
+    if ranges:
+        start, end = ranges[-1]
+        if rendered.startswith(EMPTY_THINK, start):
+            ranges[-1] = (min(start + len(EMPTY_THINK), end), end)
+    return ranges
+
+
+def _header_regions(rendered: str, count: int) -> list[tuple[int, int]] | None:
+    """``[end of "<|im_start|>assistant\n", start of the next "<|im_end|>")`` of every
+    assistant turn in ``rendered``; None unless there are exactly ``count`` of them."""
+    header = f"{START_OF_TURN}assistant\n"
+    regions: list[tuple[int, int]] = []
+    pos = rendered.find(header)
+    while pos >= 0:
+        start = pos + len(header)
+        end = rendered.find(END_OF_TURN, start)
+        if end < 0:
+            return None
+        regions.append((start, end))
+        pos = rendered.find(header, end)
+    return regions if len(regions) == count else None
+
+
+def _search_contents(
+    key: str, turns: Sequence[dict[str, str]], rendered: str
+) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
     cursor = 0
     for n, turn in enumerate(turns):
         content = turn["content"]
@@ -185,33 +255,41 @@ def _labels(
     input_ids: Sequence[int],
     offsets: Sequence[tuple[int, int]],
     eot_id: int,
+    extra_target: int | None = None,
 ) -> list[int]:
-    """Unshifted labels: tokens overlapping each range, then the first end-of-turn token.
+    """Unshifted labels: tokens starting in each range, then the first end-of-turn token
+    (and, with ``extra_target``, that id at the position after it).
 
-    Label rule (unshifted, aligned with ``input_ids``; ``-100`` = no loss): the tokens of every
-    assistant turn's content plus the end-of-turn token (``<|im_end|>``, else the tokenizer's
-    eos) that closes the turn; everything else -- system and user turns, role headers, template
-    newlines, image spans in user turns -- is ``-100``. This is the official MiniCPM-V
-    fine-tuning rule (``finetune/dataset.py``: assistant content and its ``<|im_end|>`` are
-    supervised, the rest masked) with one deliberate difference: the official Qwen2 path also
-    supervises the newline token after the ``assistant`` role header (its span starts right
-    after the ``assistant`` token); here the span starts at the content, as most SFT trainers
-    do. The 2.6 adapter shifts these labels left by one, as the official code hands them to
-    its loss; the native loss shifts inside :func:`mvtrain.model.adapters.token_loss_sum`.
+    Label rule ``"mvkit"`` (unshifted, aligned with ``input_ids``; ``-100`` = no loss): the
+    tokens of every assistant turn's answer plus the end-of-turn token (``<|im_end|>``, else
+    the tokenizer's eos) that closes the turn; everything else -- system and user turns, role
+    headers and the newline after them, template newlines, an empty reasoning block the
+    template adds, image spans in user turns -- is ``-100``. These are the tokens the official
+    MiniCPM-V fine-tuning code (``finetune/dataset.py``, ``conversation_to_ids_qwen2``:
+    ``context[st : end_idx + 1] = 0`` with ``st = assistant_idx + 2 (+ 4)``) supervises.
+
+    Label rule ``"official"`` (``extra_target`` set, :data:`LABEL_RULES`): also
+    ``labels[e + 1] = extra_target`` after each assistant end-of-turn token ``e`` that has a
+    following token: the official code's target for the logits at ``<|im_end|>`` is eos, not
+    the template's newline. The 2.6 adapter shifts these labels left by one, as the official
+    code hands them to its loss; the native loss shifts inside
+    :func:`mvtrain.model.adapters.token_loss_sum`.
     """
     labels = [IGNORE_INDEX] * len(input_ids)
     t = 0
     for i, (start, end) in enumerate(ranges):
         limit = ranges[i + 1][0] if i + 1 < len(ranges) else None
-        while t < len(offsets) and offsets[t][1] <= start and offsets[t][0] < end:
+        while t < len(offsets) and offsets[t][0] < start:
             t += 1
         while t < len(offsets) and offsets[t][0] < end:
-            if offsets[t][1] > start:
+            if offsets[t][1] > offsets[t][0]:
                 labels[t] = input_ids[t]
             t += 1
         while t < len(offsets) and (limit is None or offsets[t][0] < limit):
             t += 1
             if input_ids[t - 1] == eot_id:
                 labels[t - 1] = eot_id
+                if extra_target is not None and t < len(input_ids):
+                    labels[t] = extra_target
                 break
     return labels

@@ -67,6 +67,10 @@ class ParamCounts:
     """The model family's name (:attr:`mvshards.families.Family.name`)."""
     estimate: bool
     """True when counted analytically from config fields (2.6 family)."""
+    buffer_bytes: int = 0
+    """Bytes of the model's buffers (every rank holds them whole, in the dtype the code builds
+    them in: float32 for the 2.6 resampler's position tables, 70 x 70 x hidden, and the 4.5
+    resampler's ``temporal_pos_embed``, 72,000 x hidden -- about 1.2 GB at the 8B size)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +132,28 @@ def _part(name: str) -> str:
     if "language_model" in name or name.startswith(("lm_head", "llm.")):
         return "llm"
     return "other"
+
+
+def _module_buffer_bytes(model: Any) -> int:
+    return sum(b.numel() * b.element_size() for _, b in model.named_buffers())
+
+
+TEMPORAL_POSITIONS = 72_000
+"""Rows of the MiniCPM-V 4.5 resampler's ``temporal_pos_embed`` (one per video timestamp)."""
+RESAMPLER_POS_SIDE = 70
+"""The 2.6-family resampler's 2D position table is ``70 x 70 x hidden`` (``max_size``)."""
+
+
+def _remote_buffer_bytes(raw: dict[str, Any]) -> int:
+    """Float32 buffers of a 2.6-family model (ESTIMATE from the config): the resampler's 2D
+    sin-cos table ``70*70*hidden``, for 4.5 (``version`` >= 4.5) its ``temporal_pos_embed``
+    ``72000*hidden``, and the LLM's RoPE ``inv_freq`` (and ``original_inv_freq``),
+    ``head_dim/2`` each."""
+    d = _llm_dims(raw)
+    floats = RESAMPLER_POS_SIDE * RESAMPLER_POS_SIDE * d["hidden"] + d["head_dim"]
+    if float(raw.get("version") or 2.6) >= 4.5:
+        floats += TEMPORAL_POSITIONS * d["hidden"]
+    return 4 * floats
 
 
 def _module_counts(model: Any, lora: bool, lora_rank: int) -> tuple[dict[str, int], int, int]:
@@ -243,6 +269,7 @@ def count_parameters(
     if isinstance(model_or_config, RemoteConfig):
         parts, lora_params, targets = _remote_counts(model_or_config.raw, lora, lora_rank)
         family, estimate = REMOTE_26.name, True
+        buffers = _remote_buffer_bytes(model_or_config.raw)
     elif isinstance(model_or_config, nn.Module):
         base = getattr(model_or_config, "base_model", None)
         if base is not None and hasattr(base, "model") and hasattr(model_or_config, "peft_config"):
@@ -252,10 +279,12 @@ def count_parameters(
             p.startswith("model.vision_tower") for p, _ in model_or_config.named_parameters()
         )
         family = (NATIVE_46 if native else REMOTE_26).name
+        buffers = _module_buffer_bytes(model_or_config)
     else:
         model = meta_model(model_or_config)
         parts, lora_params, targets = _module_counts(model, lora, lora_rank)
         family = NATIVE_46.name
+        buffers = _module_buffer_bytes(model)
     total = sum(parts.values())
     if lora:
         t_llm, t_vision, t_res = lora_params, 0, 0
@@ -277,4 +306,5 @@ def count_parameters(
         lora_targets=targets,
         family=family,
         estimate=estimate,
+        buffer_bytes=buffers,
     )

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mvshards.index import load_index
 from mvshards.profiles import DEFAULT_PROFILE, get_profile
 from mvtrain.batching.plan_index import PlanIndex
 from mvtrain.batching.schedule import all_rank_plans, equal_step_plans, plan_report
+from mvtrain.batching.sources import ShardSource, SourceMix, load_sources
 from mvtrain.budgets import Budgets
 from mvtrain.memory.budgets import BudgetPlan, IndexStats
 from mvtrain.memory.remedies import Remedy, remedies
@@ -142,16 +142,19 @@ def _activation_json(fit: SetupFit) -> dict[str, Any]:
     }
 
 
-def _epoch(index: Any, request: PlanRequest, budgets: BudgetPlan) -> EpochSteps | EpochNote:
-    """The epoch's micro-batches and steps under ``budgets`` (a note when they cannot be
-    counted from this index)."""
-    cost = get_profile(index.params.get("profile", DEFAULT_PROFILE)).family.cost
-    if cost.pads_subimages and index.image_columns is None:
+def _epoch(
+    sources: list[ShardSource], indexes: list[Any], request: PlanRequest, budgets: BudgetPlan
+) -> EpochSteps | EpochNote:
+    """The first epoch's micro-batches and steps under ``budgets`` (of the weighted mix of
+    the ``--shards`` folders; a note when they cannot be counted from these indexes)."""
+    cost = get_profile(indexes[0].params.get("profile", DEFAULT_PROFILE)).family.cost
+    if cost.pads_subimages and any(index.image_columns is None for index in indexes):
         return EpochNote(
             f"{cost.name}-family step counts need the index's per-image table, which "
             "an older mvprep did not write: rebuild the shards, or mvtrain run reports them"
         )
-    plan_index = PlanIndex.from_index(index)
+    mix = SourceMix.build(sources, indexes, [PlanIndex.from_index(ix) for ix in indexes])
+    plan_index = mix.epoch_index(0, 0)
     rank_budgets = Budgets(budgets.token_budget, budgets.patch_budget)
     rank_plans = all_rank_plans(plan_index, 0, 0, request.gpus, rank_budgets, cost)
     try:
@@ -168,7 +171,7 @@ def _epoch(index: Any, request: PlanRequest, budgets: BudgetPlan) -> EpochSteps 
         costliest_batch=CostliestBatch(
             costliest.num_samples, costliest.padded_tokens, costliest.padded_patches
         ),
-        token_count_exact=bool(index.params.get("tokenizer")),
+        token_count_exact=all(index.params.get("tokenizer") for index in indexes),
     )
 
 
@@ -177,10 +180,10 @@ def make_plan(request: PlanRequest) -> MemoryPlan:
     empty index...)."""
     config = model_config(request.model)
     probe = load_probe(request, config)
-    index = load_index(request.shards)
-    stats = IndexStats.from_costs(index.sample_rows())
+    sources, indexes = load_sources(request.shards)
+    stats = IndexStats.from_costs([row for index in indexes for row in index.sample_rows()])
     fit = fit_setup(request, config, stats, probe)
-    epoch = _epoch(index, request, fit.budgets) if fit.budgets is not None else None
+    epoch = _epoch(sources, indexes, request, fit.budgets) if fit.budgets is not None else None
     return MemoryPlan(request, fit, stats, epoch, remedies(request, config, stats, probe))
 
 

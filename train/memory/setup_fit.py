@@ -39,7 +39,9 @@ ENGINES = ("deepspeed", "torch")
 class PlanRequest:
     """What to plan: the data, the model, the cards and the training setup."""
 
-    shards: Path
+    shards: Any
+    """The shard folders, as ``RunConfig.shards`` takes them (see
+    :func:`mvtrain.batching.sources.parse_sources`)."""
     model: str
     gpus: int = 1
     gpu_mem: int = 80 * GiB
@@ -118,7 +120,9 @@ def _wanted_setup(request: PlanRequest, config: Any) -> dict[str, Any]:
         request.grad_ckpt,
         request.attention,
     )
-    return {**setup, "shards": str(request.shards)}
+    from mvtrain.batching.sources import parse_sources
+
+    return {**setup, "shards": " --shards ".join(str(s) for s in parse_sources(request.shards))}
 
 
 def load_probe(request: PlanRequest, config: Any) -> ProbeFitModel | None:
@@ -137,7 +141,9 @@ def _static(request: PlanRequest, counts: ParamCounts) -> StaticMemory:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {request.engine!r}")
     dtype = request.resolved_dtype
     if request.engine == "torch":
-        return torch_engine_static_memory(counts.total, counts.trainable, dtype, request.gpus)
+        return torch_engine_static_memory(
+            counts.total, counts.trainable, dtype, request.gpus, counts.buffer_bytes
+        )
     return static_memory(
         counts.total,
         counts.trainable,
@@ -145,6 +151,7 @@ def _static(request: PlanRequest, counts: ParamCounts) -> StaticMemory:
         zero_stage=request.zero_stage,
         dtype=dtype,
         overlap_comm=True,
+        model_buffers=counts.buffer_bytes,
     )
 
 

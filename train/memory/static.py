@@ -46,6 +46,9 @@ class StaticMemory:
     ``torch.autocast`` makes for matmuls and autograd keeps until backward (ESTIMATE: every
     weight counted once, ``2P``)."""
     engine: str = "deepspeed"
+    model_buffers: int = 0
+    """The model's buffers (not partitioned by ZeRO: every rank holds all of them), e.g. the
+    4.5 resampler's float32 ``temporal_pos_embed``; :attr:`ParamCounts.buffer_bytes`."""
 
     @property
     def model_states(self) -> int:
@@ -60,7 +63,9 @@ class StaticMemory:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.buffer_bytes + self.autocast_weight_copies
+        return (
+            self.model_states + self.buffer_bytes + self.autocast_weight_copies + self.model_buffers
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -118,6 +123,7 @@ def static_memory(
     reduce_bucket_size: int | None = DEFAULT_REDUCE_BUCKET,
     allgather_bucket_size: int = DEFAULT_ALLGATHER_BUCKET,
     overlap_comm: bool = True,
+    model_buffers: int = 0,
 ) -> StaticMemory:
     """Static bytes per GPU under DeepSpeed ZeRO ``zero_stage`` (0, 1, 2) on ``num_gpus``.
 
@@ -168,11 +174,16 @@ def static_memory(
         buffer_bytes=buffers,
         zero_stage=zero_stage,
         num_gpus=n,
+        model_buffers=model_buffers,
     )
 
 
 def torch_engine_static_memory(
-    total_params: int, trainable_params: int, dtype: str = "bf16", num_gpus: int = 1
+    total_params: int,
+    trainable_params: int,
+    dtype: str = "bf16",
+    num_gpus: int = 1,
+    model_buffers: int = 0,
 ) -> StaticMemory:
     """The plain torch engine (:class:`mvtrain.engine.TorchEngine`) on any number of GPUs:
     nothing is partitioned, every rank holds fp32 weights ``4P``, fp32 gradients ``4Pt`` and
@@ -195,4 +206,5 @@ def torch_engine_static_memory(
         num_gpus=num_gpus,
         autocast_weight_copies=bytes_per_element(autocast) * total_params if autocast else 0,
         engine="torch",
+        model_buffers=model_buffers,
     )

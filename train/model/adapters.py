@@ -24,7 +24,9 @@ The 2.6 remote code does the same by itself in training mode.
 Loss: :func:`token_loss_sum` returns the *sum* of token losses and the label count (a tensor on
 the loss's device: reading it would be a host sync; the step counts labels on the host with
 :meth:`label_count` before the batch moves); the step divides by the global label count of
-the accumulation window over all ranks.
+the accumulation window over all ranks. The result (:class:`TokenLoss`, what
+``forward_loss`` returns) also carries each row's loss sum and label count, detached, which
+the step groups by the samples' sources (per-source loss).
 """
 
 from __future__ import annotations
@@ -62,26 +64,60 @@ def sample_cost(x: SampleCost | LoadedSample | SampleMeta | Sequence[Any]) -> Sa
     raise TypeError(f"cannot take a cost from {type(x).__name__}")
 
 
+class TokenLoss(tuple):  # type: ignore[type-arg]
+    """``(loss sum, label count)`` -- unpacks to those two, as before -- plus per batch row
+    (sample) :attr:`row_loss` (its token losses summed, detached float32 ``[B]``) and
+    :attr:`row_count` (its label tokens, int64 ``[B]``), both on the loss's device."""
+
+    row_loss: torch.Tensor
+    row_count: torch.Tensor
+
+    def __new__(
+        cls,
+        loss: torch.Tensor,
+        count: torch.Tensor,
+        row_loss: torch.Tensor,
+        row_count: torch.Tensor,
+    ) -> TokenLoss:
+        self = super().__new__(cls, (loss, count))
+        self.row_loss, self.row_count = row_loss, row_count
+        return self
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self[1]
+
+
 def token_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, pre_shifted: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of token cross-entropies, number of label tokens)``, float32 and int64 tensors.
+) -> TokenLoss:
+    """``(sum of token cross-entropies, number of label tokens)``, float32 and int64 tensors,
+    with the per-row sums and counts (:class:`TokenLoss`).
 
     ``pre_shifted=False`` (native): ``labels`` align with ``input_ids`` and logits at ``i``
     predict label ``i+1``. ``pre_shifted=True`` (2.6 family): ``labels[i]`` is already the
     target of the logits at ``i``. ``-100`` marks no loss.
+
+    ``log_softmax`` then ``nll_loss(reduction="sum")`` is what ``cross_entropy`` runs, so the
+    loss and its gradients are bit for bit those of ``cross_entropy``; the per-row sums
+    gather the same log-probabilities (detached: one ``[B, L]`` gather, no second softmax).
     """
     if not pre_shifted:
         logits = logits[:, :-1, :]
         labels = labels[:, 1:]
-    labels = labels.to(logits.device)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1).long(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, (labels != IGNORE_INDEX).sum()
+    labels = labels.to(logits.device).long()
+    log_probs = F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+    flat = labels.reshape(-1)
+    loss = F.nll_loss(log_probs, flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    keep = labels != IGNORE_INDEX
+    with torch.no_grad():
+        picked = log_probs.detach().gather(1, flat.clamp(min=0).unsqueeze(1)).view_as(labels)
+        row_loss = -picked.masked_fill(~keep, 0.0).sum(dim=1)
+    return TokenLoss(loss, keep.sum(), row_loss, keep.sum(dim=1))
 
 
 def _unwrap(model: Any) -> Any:
@@ -217,10 +253,9 @@ class Native46Adapter(_FamilyAdapter):
             "target_sizes": target_sizes,
         }
 
-    def forward_loss(
-        self, model: Any, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward ``batch`` (already on the model's device); ``(loss sum, label count)``.
+    def forward_loss(self, model: Any, batch: Mapping[str, Any]) -> TokenLoss:
+        """Forward ``batch`` (already on the model's device); ``(loss sum, label count)`` with
+        the per-row sums (:class:`TokenLoss`).
 
         A batch without images runs the dummy image through the real image path
         (:meth:`with_dummy_image`).

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,164 @@ def _warn_low_precision_buffers(model: Any, folder: Path) -> None:
         )
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+
+
+def _check_remote_folder(folder: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The ``auto_map`` of a 2.6-family folder after checking that the files it names and
+    the weights are there (each problem a one-line :class:`ModelLoadError`)."""
+    auto_map = config.get("auto_map") or {}
+    if "AutoModel" not in auto_map:
+        raise ModelLoadError(
+            f"{folder}: config.json has no auto_map.AutoModel naming the model code; copy the "
+            "checkpoint's original config.json (and its *.py files) from the model repository"
+        )
+    for entry in auto_map.values():
+        for ref in entry if isinstance(entry, list) else [entry]:
+            if not isinstance(ref, str):
+                continue
+            file = folder / (ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+            if not file.is_file():
+                raise ModelLoadError(
+                    f"{folder}: {file.name} is missing (config.json's auto_map names it); "
+                    "download every *.py file of the model repository into the folder"
+                )
+    if not _weight_files(folder):
+        raise ModelLoadError(
+            f"{folder}: no weights (*.safetensors or pytorch_model*.bin); download them into "
+            "the folder, or use `mvtrain plan --model FOLDER` for a config-only plan"
+        )
+    return {k: v for k, v in auto_map.items() if isinstance(v, str)}
+
+
+REMOTE_SKIPPED_TOWERS: dict[str, dict[str, bool]] = {
+    "minicpmo": {"init_vision": True, "init_audio": False, "init_tts": False},
+}
+"""Constructor switches per ``model_type``, as the official fine-tuning script passes them:
+MiniCPM-o 2.6 is fine-tuned on vision+text, its audio and TTS towers not built."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+@contextmanager
+def _remote_errors(folder: Path, what: str) -> Iterator[None]:
+    """Any failure while loading remote code as a one-line :class:`ModelLoadError`."""
+    from mvtrain.model.remote_compat import RemoteCodeError
+
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except RemoteCodeError as exc:
+        raise ModelLoadError(f"{folder}: {exc}") from exc
+    except Exception as exc:
+        if "ignore_mismatched_sizes" in str(exc):  # transformers' refusal of other shapes
+            raise ModelLoadError(
+                f"{folder}: the weights do not match the model code (tensors of another shape "
+                "than config.json makes); download the weights, config.json and code of the "
+                "same checkpoint revision"
+            ) from exc
+        raise ModelLoadError(
+            f"{folder}: loading the {what} failed ({_one_line(exc)}); the checkpoint's code or "
+            "files do not match this transformers/torch"
+        ) from exc
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model folder; a 2.6-family folder under the remote-code
+    compatibility fixes (its tokenizer config imports the model code)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not detect_family(folder).remote_code:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if not trust_remote_code:
+        raise _needs_trust(folder)
+    from mvtrain.model.remote_compat import remote_code_compat
+
+    model_type = str(read_config(folder).get("model_type", ""))
+    with _remote_errors(folder, "tokenizer"), remote_code_compat(folder, model_type):
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+
+
+def _needs_trust(folder: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"{folder} is a MiniCPM-V 2.6-family model whose code ships with the "
+        "checkpoint; pass --trust-remote-code to run it (read that code first)"
+    )
+
+
+def _load_remote(folder: Path, dtype: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a 2.6-family folder: the unmodified remote code under
+    :func:`~mvtrain.model.remote_compat.remote_code_compat`, then every non-persistent buffer
+    rebuilt from a fresh build and verified."""
+    from transformers import AutoTokenizer
+
+    from mvtrain.model.remote_compat import (
+        fresh_buffers,
+        rebuild_nonpersistent_buffers,
+        remote_code_compat,
+    )
+
+    config = read_config(folder)
+    auto_map = _check_remote_folder(folder, config)
+    model_type = str(config.get("model_type", ""))
+    switches = REMOTE_SKIPPED_TOWERS.get(model_type, {})
+    with _remote_errors(folder, "model"), remote_code_compat(folder, model_type) as compat:
+        cls = compat.model_class(auto_map["AutoModel"])
+        model, info = cls.from_pretrained(
+            str(folder), dtype=dtype, output_loading_info=True, **switches
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+        fresh = fresh_buffers(cls, model.config, dtype)
+    _check_loading_info(folder, info, model_type)
+    with _remote_errors(folder, "model"):
+        report = rebuild_nonpersistent_buffers(model, fresh)
+    log.info(
+        "%s: %d non-persistent buffers checked against a fresh build, %d rebuilt%s",
+        folder,
+        report.checked,
+        len(report.rebuilt),
+        f" ({', '.join(report.rebuilt[:4])}{', ...' if len(report.rebuilt) > 4 else ''})"
+        if report.rebuilt
+        else "",
+    )
+    return model, tokenizer
+
+
+SKIPPED_TOWER_PREFIXES = ("apm.", "tts.", "audio_projection_layer.", "audio_avg_pooler.")
+"""MiniCPM-o 2.6 parameters that are not built for vision+text fine-tuning (their weights in
+the checkpoint are expected to go unused)."""
+
+
+def _check_loading_info(folder: Path, info: dict[str, Any], model_type: str) -> None:
+    """Weights that do not match the model: missing or wrongly shaped parameters, or (except
+    for towers deliberately not built) unused checkpoint tensors, as one line."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(
+        str(m[0]) if isinstance(m, tuple) else str(m) for m in (info.get("mismatched_keys") or [])
+    )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if model_type in REMOTE_SKIPPED_TOWERS:
+        unexpected = [k for k in unexpected if not k.startswith(SKIPPED_TOWER_PREFIXES)]
+    problems = [
+        (missing, "missing from the checkpoint"),
+        (mismatched, "of another shape in the checkpoint"),
+        (unexpected, "in the checkpoint but not in the model"),
+    ]
+    for keys, what in problems:
+        if keys:
+            raise ModelLoadError(
+                f"{folder}: the weights do not match the model code: {len(keys)} tensors "
+                f"{what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}); "
+                "download the weights and code of the same checkpoint revision"
+            )
+
+
 def load_model(
     path: Path | str, trust_remote_code: bool = False, dtype: Any = None
 ) -> tuple[Any, Any, Family]:
@@ -117,31 +277,25 @@ def load_model(
     ``from_pretrained``, whose own default (``"auto"``) would follow the checkpoint's dtype.
     Buffers keep the dtype the modelling code builds them in (float32 RoPE frequencies for
     the native 4.6 family). The 2.6 family raises :class:`ModelLoadError` unless
-    ``trust_remote_code`` is set.
+    ``trust_remote_code`` is set; its remote code is loaded unmodified under the
+    compatibility fixes of :mod:`mvtrain.model.remote_compat`, and every non-persistent buffer
+    is rebuilt from a fresh build of the model and verified. Every failure is a one-line
+    :class:`ModelLoadError` naming the folder, what is wrong and the fix.
     """
     from transformers import AutoTokenizer
 
     folder = Path(path)
     family = detect_family(folder)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
+    torch_dtype = _torch_dtype(dtype)
     if not family.remote_code:
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     else:
         if not trust_remote_code:
-            raise ModelLoadError(
-                f"{folder} is a MiniCPM-V 2.6-family model whose code ships with the "
-                "checkpoint; pass --trust-remote-code to run it (read that code first)"
-            )
-        from transformers import AutoModel
-
-        if read_config(folder).get("model_type") == "minicpmo":
-            # As the official fine-tuning script: the vision-language part only.
-            kwargs.update(init_vision=True, init_audio=False, init_tts=False)
-        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+            raise _needs_trust(folder)
+        model, tokenizer = _load_remote(folder, torch_dtype)
     _warn_low_precision_buffers(model, folder)
     model.train()
     return model, tokenizer, family

@@ -26,9 +26,9 @@ def load_tokenizer_only(config: RunConfig) -> Any:
         from mvtrain.model.tiny import load_tiny_tokenizer
 
         return load_tiny_tokenizer()
-    from transformers import AutoTokenizer
+    from mvtrain.model.loading import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    return load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
 
 
 def vision_modules(model: nn.Module) -> list[nn.Module]:
