@@ -12,24 +12,28 @@ install: $(STAMP)
 # torch first, pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch would
 # pull a multi-GB CUDA build. pyproject.toml keeps an open range for GPU users.
 # The optional `ray` extra (mvprep build --runner ray) and `parquet` extra (Parquet and
-# save_to_disk input) are installed here so that `make test` runs their tests; a plain
+# save_to_disk input) and `fastjpeg` extra (simplejpeg: the faster JPEG decode, see
+# mvprep.imaging) are installed here so that `make test` runs their tests; a plain
 # `pip install mvkit` stays without them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,train,ray,parquet]'
+	$(PY) -m pip install -q -e '.[test,train,ray,parquet,fastjpeg]'
 	touch $(STAMP)
 
 demo: install
 	$(PY) scripts/make_demo_data.py $(DEMO)/data --seed 0
 	$(VENV)/bin/mvprep build $(DEMO)/data/demo.json --out $(DEMO)/shards --max-res 1344 \
 		--workers 2 --samples-per-shard 16
+	$(VENV)/bin/mvprep build $(DEMO)/data/demo_cookbook.jsonl --out $(DEMO)/cookbook \
+		--max-res 1344 --workers 2
 	$(VENV)/bin/mvprep verify $(DEMO)/shards
+	$(VENV)/bin/mvprep verify $(DEMO)/cookbook
 	rm -rf $(DEMO)/run
-	OMP_NUM_THREADS=1 $(VENV)/bin/mvtrain run --shards $(DEMO)/shards --model tiny \
-		--output $(DEMO)/run --max-steps 4 --lr 1e-3 --token-budget 4096 --patch-budget 16384 \
-		--batch-log $(DEMO)/run/batches.jsonl --nproc-per-node 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/mvtrain run --shards $(DEMO)/shards --shards $(DEMO)/cookbook:2 \
+		--model tiny --output $(DEMO)/run --max-steps 4 --lr 1e-3 --token-budget 4096 \
+		--patch-budget 16384 --batch-log $(DEMO)/run/batches.jsonl --nproc-per-node 2
 
 lint: install
 	$(VENV)/bin/ruff check .

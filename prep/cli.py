@@ -12,6 +12,7 @@ import click
 
 from mvshards.command_line import expected_classes, png_callback, run_cli
 from mvshards.profiles import DEFAULT_PROFILE, PROFILES
+from mvshards.think_block import DEFAULT_THINK_BLOCK, THINK_BLOCK_MODES
 
 PROFILE_CHOICE = click.Choice(sorted(PROFILES))
 
@@ -156,6 +157,32 @@ PROFILE = click.option(
     "llava, messages, sharegpt) is required of every record; parquet/hf-disk (a "
     "datasets.save_to_disk folder) require that file type (pip install 'mvkit[parquet]').",
 )
+@click.option(
+    "--channel",
+    default=None,
+    metavar="NAME",
+    help="The channel of every record that names none (a record's own channel, source or "
+    "dataset string field wins). Kept in each sample's JSON and the index; mvprep stats "
+    "counts per channel and mvtrain reports the loss per channel.",
+)
+@click.option(
+    "--think-block",
+    type=click.Choice(THINK_BLOCK_MODES),
+    default=DEFAULT_THINK_BLOCK,
+    show_default=True,
+    help="4.6 family: auto writes <think>\\n\\n</think>\\n\\n before every answer that "
+    "does not start with <think>, as the Cookbook's ms-swift/LLaMA-Factory recipes train it "
+    "(answers with their own <think>...</think> keep it; the empty block is not trained); "
+    "never adds nothing. Stored in the shards, so mvtrain follows it. No effect on 2.6.",
+)
+@click.option(
+    "--imaging-path",
+    type=click.Choice(["opencv", "simplejpeg"]),
+    default=None,
+    help="JPEG decoder: simplejpeg (pip install 'mvkit[fastjpeg]'; the default when "
+    "installed) or opencv. Recorded in build.json: a resume or --part with another path is "
+    "refused.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build_command(
     data: tuple[Path, ...],
@@ -178,6 +205,9 @@ def build_command(
     part_text: str | None,
     max_reject_rate: float | None,
     input_format: str,
+    channel: str | None,
+    think_block: str,
+    imaging_path: str | None,
     no_progress: bool,
 ) -> None:
     """Build shards from DATA files (JSON/JSONL in the MiniCPM-V, LLaVA, messages+images or
@@ -218,6 +248,9 @@ def build_command(
             allow_outside_root=allow_outside_root,
             image_id_form=image_id_form,  # type: ignore[arg-type]
             input_format=input_format,
+            channel=channel,
+            think_block=think_block,
+            imaging_path=imaging_path,
         )
         part = parse_part(part_text) if part_text is not None else None
     except ValueError as exc:

@@ -38,6 +38,16 @@ The rules, in the order an image meets them:
    choice per input: the input's own for a colour JPEG with subsampled chroma, 4:2:0 for
    gray, else 4:4:4.
 
+Imaging paths (recorded in ``build.json`` as ``imaging_path``; a resume, ``--part`` or merge
+with another path is refused): ``opencv`` is the path above; ``simplejpeg`` (the optional
+``mvkit[fastjpeg]`` extra) decodes JPEGs with simplejpeg's libjpeg-turbo instead, at the same
+1/k scales, falling back to the OpenCV and PIL decoders where it refuses a file. Measured on
+this machine both give identical pixels and cost about the same (``scripts/bench_prep.py``:
+0-5% less CPU per image with simplejpeg, within the noise; one 12 MP full-scale decode in
+isolation: 60 ms against OpenCV's 85 ms). Another libjpeg-turbo build may round
+differently, hence the record. :func:`default_imaging_path` picks ``simplejpeg`` when it is
+installed.
+
 Threads: OpenCV's internal thread pool is set to 1 thread on first use here, since the build
 runs one worker process per core (extra threads only add contention and CPU time). A caller
 that wants OpenCV threads may call ``cv2.setNumThreads`` after the first call into this module.
@@ -54,6 +64,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -73,6 +84,7 @@ from mvprep.image_modes import (
     pil_to_rgb,
     png_is_complete,
     resize_oriented,
+    resize_outputs,
     resize_rgb,
     sniff_format,
     stored_size,
@@ -82,18 +94,22 @@ __all__ = [
     "AA_MIN_SHRINK",
     "DEFAULT_MAX_PIXELS",
     "ERROR_REASONS",
+    "IMAGING_PATHS",
     "SUPPORTED_FORMATS",
     "ImageError",
     "ImageHeader",
     "JPEG_SUBSAMPLINGS",
+    "check_imaging_path",
     "decode_rgb",
     "decode_stored",
+    "default_imaging_path",
     "encode_image",
     "extension_for",
     "output_subsampling",
     "probe_image",
     "read_image_bytes",
     "resize_oriented",
+    "resize_outputs",
     "resize_rgb",
 ]
 
@@ -125,6 +141,10 @@ _CV2_SCALE_FLAGS = {1: 0, 2: 16, 4: 32, 8: 64}  # IMREAD_REDUCED_* without the c
 # OpenCV >= 4.11 can decode straight to RGB; older builds decode BGR and we swap.
 _CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _CV2_RGB_FLAG = _CV2_RGB or cv2.IMREAD_COLOR
+IMAGING_PATHS = ("opencv", "simplejpeg")
+"""The decoders a build may use (``BuildOptions.imaging_path``, ``--imaging-path``)."""
+FASTJPEG_HINT = "pip install 'mvkit[fastjpeg]'"
+
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
@@ -340,6 +360,49 @@ def _cv2_decode(data: bytes, k: int, bgr: bool) -> np.ndarray | None:
     return arr if bgr or _CV2_RGB else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
+def _simplejpeg() -> Any | None:
+    """The simplejpeg module when installed (optional extra ``fastjpeg``), else None."""
+    try:
+        import simplejpeg  # optional extra, imported only when asked for
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+def default_imaging_path() -> str:
+    """``simplejpeg`` when the package is installed, else ``opencv``."""
+    return "simplejpeg" if _simplejpeg() is not None else "opencv"
+
+
+def check_imaging_path(path: str) -> str:
+    """Return ``path`` when it names an imaging path this machine can run; else ValueError
+    (one line: what is missing and the fix)."""
+    if path not in IMAGING_PATHS:
+        raise ValueError(f"--imaging-path must be one of {', '.join(IMAGING_PATHS)}, got {path!r}")
+    if path == "simplejpeg" and _simplejpeg() is None:
+        raise ValueError(
+            "imaging path simplejpeg needs the simplejpeg package, which is not installed here: "
+            f"{FASTJPEG_HINT}, or build into a new --out with --imaging-path opencv"
+        )
+    return path
+
+
+def _sj_decode(data: bytes, size: tuple[int, int], k: int, bgr: bool) -> np.ndarray | None:
+    """simplejpeg decode at exactly 1/k of the stored ``size`` (w, h), orientation NOT
+    applied; None when simplejpeg is missing or refuses the file (strict: also on the
+    warnings libjpeg recovers from), so the OpenCV and PIL paths decide."""
+    sj = _simplejpeg()
+    if sj is None:
+        return None
+    try:
+        arr = sj.decode_jpeg(
+            data, "BGR" if bgr else "RGB", min_width=-(-size[0] // k), min_height=-(-size[1] // k)
+        )
+    except (ValueError, RuntimeError, OSError):
+        return None
+    return arr if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8 else None
+
+
 def _png_fast_ok(data: bytes, header: ImageHeader) -> bool:
     if header.format != "PNG" or header.mode not in ("RGB", "L") or not png_is_complete(data):
         return False
@@ -383,6 +446,7 @@ def decode_stored(
     name: str = "",
     *,
     bgr: bool = False,
+    imaging_path: str = "opencv",
 ) -> tuple[np.ndarray, int]:
     """Decode ``data`` (probed as ``header``) to HxWx3 uint8 pixels in STORED orientation.
 
@@ -391,17 +455,21 @@ def decode_stored(
     the decoder already applied it). Applying it after resizing the pixels to the stored
     orientation's size (``mvprep.image_modes.resize_oriented``) gives the same image as
     orienting first, at a fraction of the cost for a 12 MP photo. Decode scale and errors as
-    :func:`decode_rgb`.
+    :func:`decode_rgb`. ``imaging_path`` (:data:`IMAGING_PATHS`): ``simplejpeg`` decodes
+    JPEGs with simplejpeg first (ValueError when it is not installed).
     """
     configure_cv2()
     k = _reduction(header, min_size)
     arr = None
+    sw, sh = stored_size(header.size, header.orientation)
     if header.format in _JPEG_FORMATS and header.mode in ("RGB", "L"):
         if jpeg_is_complete(data):  # else PIL decides: it raises on truncation
-            arr = _cv2_decode(data, k, bgr)
+            if check_imaging_path(imaging_path) == "simplejpeg":
+                arr = _sj_decode(data, (sw, sh), k, bgr)
+            if arr is None or arr.shape[:2] != (-(-sh // k), -(-sw // k)):
+                arr = _cv2_decode(data, k, bgr)
     elif _png_fast_ok(data, header):
         arr = _cv2_decode(data, 1, bgr)
-    sw, sh = stored_size(header.size, header.orientation)
     orientation = header.orientation
     if arr is None or arr.shape[:2] != (-(-sh // k), -(-sw // k)):
         arr, oriented = _pil_decode(data, header, k, name)

@@ -8,8 +8,11 @@ from typing import Any
 
 from mvprep.inputs import check_distinct
 from mvprep.records import INPUT_FORMATS
+from mvprep.tokens import token_counter_fingerprint
 from mvshards.layout import max_slice_nums_for_res
+from mvshards.lengths_cache import FINGERPRINT_PARAM
 from mvshards.profiles import DEFAULT_PROFILE, ImageIdForm, get_profile
+from mvshards.think_block import DEFAULT_THINK_BLOCK, check_think_block
 
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 
@@ -39,6 +42,19 @@ class BuildOptions:
     input_format: str = "auto"
     """``--input-format`` (:data:`mvprep.records.INPUT_FORMATS`); ``auto`` is left out of
     ``params()``, so builds that do not set it keep their ``build.json``."""
+    channel: str | None = None
+    """``--channel``: the channel of every record that names none (see
+    :func:`mvprep.records.record_channel`); left out of ``params()`` when None."""
+    think_block: str = DEFAULT_THINK_BLOCK
+    """``--think-block`` (:mod:`mvshards.think_block`): ``auto`` writes the family's empty
+    reasoning block before answers without one, as its recipes do; ``never`` adds nothing.
+    In ``params()`` only for families with such a block (4.6): other builds keep their
+    ``build.json``."""
+    imaging_path: str | None = None
+    """``--imaging-path`` (:data:`mvprep.imaging.IMAGING_PATHS`): which decoder makes the
+    pixels; None picks :func:`mvprep.imaging.default_imaging_path` (simplejpeg when
+    installed). Always in ``params()``: another path may give other bytes, so a resume,
+    ``--part`` or merge with another path is refused."""
 
     def __post_init__(self) -> None:
         if isinstance(self.data_path, list | tuple):
@@ -60,6 +76,13 @@ class BuildOptions:
         self.resolved_max_slice_nums  # noqa: B018 - validates max_res
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"--input-format must be one of {INPUT_FORMATS}")
+        if self.channel is not None and not self.channel.strip():
+            raise ValueError("--channel must be a non-empty name")
+        check_think_block(self.think_block)
+        from mvprep.imaging import check_imaging_path, default_imaging_path  # imports cv2
+
+        path = self.imaging_path or default_imaging_path()
+        object.__setattr__(self, "imaging_path", check_imaging_path(path))
 
     @property
     def data_paths(self) -> tuple[Path, ...]:
@@ -89,7 +112,13 @@ class BuildOptions:
         raw["max_slice_nums"] = self.resolved_max_slice_nums
         raw["image_id_form"] = self.resolved_image_id_form
         raw["tokenizer"] = str(Path(self.tokenizer).resolve()) if self.tokenizer else None
+        if self.tokenizer:  # lets the trainer skip its recount with the same tokenizer
+            raw[FINGERPRINT_PARAM] = token_counter_fingerprint(self.tokenizer)
         raw["quality"] = None if self.image_format == "png" else self.quality  # PNG: unused
         if raw["input_format"] == "auto":
             raw.pop("input_format")
+        if raw["channel"] is None:
+            raw.pop("channel")
+        if not get_profile(self.profile).family.non_thinking_prefix:
+            raw.pop("think_block")  # no effect on this family
         return raw

@@ -20,6 +20,11 @@ then a label saying where the bytes came from (``<bytes:records[12].images[0]>``
 ``id`` may be missing (the record's position is used) or a number (kept as its string).
 A record without images is text-only and valid.
 
+Channel (any shape): the first of the record's ``channel``, ``source`` and ``dataset``
+fields that is a non-empty string (other values are skipped: a ``source`` object is not a
+channel); none when there is none (``mvprep build --channel`` may then give one). It is
+kept in the sample JSON and the index, and the trainer reports loss per channel.
+
 Role names: ``user``/``human`` -> user, ``assistant``/``gpt`` -> assistant, ``system`` ->
 system (only as the first turn: it is kept and rendered by the chat template). Anything
 else is rejected with reason "unknown role".
@@ -63,6 +68,9 @@ RESERVED_TOKEN = "reserved token in text"
 IMAGE_COUNT_MISMATCH = "image count mismatch"
 MISSING_IMAGE_DATA = "missing image data"
 WRONG_SHAPE = "not the --input-format shape"
+
+CHANNEL_FIELDS = ("channel", "source", "dataset")
+"""Record fields a channel is read from, first string wins (:func:`record_channel`)."""
 
 InputFormat = Literal["auto", "minicpmv", "llava", "messages", "sharegpt", "parquet", "hf-disk"]
 INPUT_FORMATS: tuple[str, ...] = get_args(InputFormat)
@@ -140,6 +148,8 @@ class Record:
     raw: dict[str, Any] = field(default_factory=dict)
     embedded: dict[str, bytes] = field(default_factory=dict)
     """Images given as bytes: their label (the ``images`` path) -> the encoded bytes."""
+    channel: str | None = None
+    """The record's channel (:func:`record_channel`), None when it names none."""
 
     @property
     def image_names(self) -> list[str]:
@@ -165,6 +175,15 @@ def describe(index: int, record_id: str | None = None) -> str:
     if record_id is None or record_id == str(index):
         return f"record {index}"
     return f"record {index} (id {record_id!r})"
+
+
+def record_channel(raw: dict[str, Any]) -> str | None:
+    """The first of ``raw``'s :data:`CHANNEL_FIELDS` that is a non-empty string, else None."""
+    for name in CHANNEL_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def record_shape(raw: dict[str, Any], input_format: str = "auto") -> Shape:
@@ -203,7 +222,7 @@ def normalize_record(index: int, raw: Any, input_format: str = "auto") -> Record
         from mvprep.formats import normalize_tagged  # imports this module
 
         conversations, images, embedded = normalize_tagged(index, raw, shape, where)
-        return Record(index, record_id, conversations, images, raw, embedded)
+        return Record(index, record_id, conversations, images, raw, embedded, record_channel(raw))
     if raw.get("messages") is not None and raw.get("conversations") is None:
         raise RecordError(
             WRONG_SHAPE,
@@ -225,7 +244,7 @@ def normalize_record(index: int, raw: Any, input_format: str = "auto") -> Record
         )
     embedded: dict[str, bytes] = {}
     images = _normalize_images(raw.get("image"), conversations, where, index, embedded)
-    return Record(index, record_id, conversations, images, raw, embedded)
+    return Record(index, record_id, conversations, images, raw, embedded, record_channel(raw))
 
 
 def _normalize_conversations(value: Any, where: str) -> list[dict[str, str]]:

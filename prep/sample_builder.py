@@ -27,7 +27,7 @@ from mvprep.imaging import (
     output_subsampling,
     probe_image,
     read_image_bytes,
-    resize_oriented,
+    resize_outputs,
 )
 from mvprep.options import BuildOptions
 from mvprep.records import Record, resolve_image_path
@@ -35,6 +35,7 @@ from mvprep.tokens import TokenCounter
 from mvshards.layout import SliceLayout, assign_image_ids, compute_layout, num_image_tokens
 from mvshards.profiles import get_profile
 from mvshards.schema import ImageEntry, SampleMeta, refine_member, sample_key, source_member
+from mvshards.think_block import apply_think_block
 
 
 class SampleTooLongError(Exception):
@@ -78,20 +79,17 @@ def _naming(path: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _Render:
-    """Makes the stored images of one decoded image: for each size, one resize of the decoded
-    pixels (stored orientation) to that size after orientation, the EXIF orientation applied
-    to the small result, then the encode."""
+    """Encodes the stored images of one decoded image (resized by
+    :func:`mvprep.imaging.resize_outputs`: the refine image from the decoded pixels, the
+    source from the refine image when that is larger, EXIF orientation applied last)."""
 
-    pixels: np.ndarray  # HxWx3 uint8, stored orientation, B-G-R when ``bgr`` else RGB
-    orientation: int  # EXIF orientation still to apply
-    bgr: bool
+    bgr: bool  # pixels in B-G-R order, else RGB
     subsampling: str  # JPEG chroma subsampling of the outputs
     options: BuildOptions
 
-    def __call__(self, size: tuple[int, int]) -> bytes:
-        out = resize_oriented(self.pixels, size, self.orientation)
+    def __call__(self, pixels: np.ndarray) -> bytes:
         opts = self.options
-        return encode_image(out, opts.image_format, opts.quality, self.subsampling, bgr=self.bgr)
+        return encode_image(pixels, opts.image_format, opts.quality, self.subsampling, bgr=self.bgr)
 
 
 def build_sample(
@@ -104,7 +102,8 @@ def build_sample(
 ) -> BuiltSample:
     """Turn one normalised record into a sample, or raise the error that rejects it.
 
-    ``source`` (several data files: ``{"file", "index"}``) is stored in the sample's JSON.
+    ``source`` (several data files: ``{"file", "index"}``) is stored in the sample's JSON,
+    and so is the channel: the record's own, else ``options.channel`` (``--channel``).
     Raises ``RecordError`` (bad record or path), ``ImageError`` (bad image) or
     ``SampleTooLongError``. Cheap checks (headers, layouts, token counts) run before any
     image is decoded, so an over-long sample costs no decode.
@@ -132,7 +131,9 @@ def build_sample(
         for p, image_id in zip(probed, image_ids, strict=True)
     ]
     image_names = [p.name for p in probed]
-    num_text_tokens = counter.count_text_tokens(record.conversations, image_names)
+    # the 4.6 family's empty think block (--think-block): stored, so the trainer renders it too
+    conversations = apply_think_block(record.conversations, profile.family, options.think_block)
+    num_text_tokens = counter.count_text_tokens(conversations, image_names)
     total_tokens = num_text_tokens + sum(image_tokens)
     if options.max_tokens is not None and total_tokens > options.max_tokens:
         raise SampleTooLongError(
@@ -152,20 +153,26 @@ def build_sample(
                 max(min_size[0], layout.refine_size[0]),
                 max(min_size[1], layout.refine_size[1]),
             )
-        # Pixels stay in stored orientation: each output is resized from the decoded image
-        # and then rotated (cheaper than rotating the big decode). JPEGs decode to B-G-R as
-        # cheaply as to RGB and OpenCV's encoders take B-G-R, so they skip the channel swap;
+        # Pixels stay in stored orientation: the outputs are resized (the source from the
+        # refine image when that is larger) and then rotated (cheaper than rotating the
+        # decode). JPEGs decode to B-G-R as cheaply as to RGB and OpenCV's encoders take
+        # B-G-R, so they skip the channel swap;
         # libpng decodes RGB natively, so PNGs swap once, on the smaller outputs.
         bgr = p.header.format in ("JPEG", "MPO")
         with _naming(p.path):
-            pixels, orientation = decode_stored(p.data, p.header, min_size, p.path, bgr=bgr)
-        render = _Render(pixels, orientation, bgr, output_subsampling(p.header), options)
+            pixels, orientation = decode_stored(
+                p.data, p.header, min_size, p.path, bgr=bgr, imaging_path=options.imaging_path
+            )
+        source_px, refine_px = resize_outputs(
+            pixels, orientation, layout.source_size, layout.refine_size
+        )
+        render = _Render(bgr, output_subsampling(p.header), options)
         src_name = source_member(key, i, ext)
-        members[src_name] = render(layout.source_size)
+        members[src_name] = render(source_px)
         ref_name = None
-        if layout.refine_size is not None:
+        if refine_px is not None:
             ref_name = refine_member(key, i, ext)
-            members[ref_name] = render(layout.refine_size)
+            members[ref_name] = render(refine_px)
         entries.append(
             ImageEntry(
                 path=p.path,
@@ -183,12 +190,13 @@ def build_sample(
     meta = SampleMeta(
         key=key,
         id=record.id,
-        conversations=record.conversations,
+        conversations=conversations,
         images=entries,
         num_text_tokens=num_text_tokens,
         token_count_exact=counter.exact,
         image_names=image_names,
         source=source,
+        channel=record.channel or options.channel,
     )
     members[f"{key}.json"] = json.dumps(
         meta.to_json(), ensure_ascii=False, sort_keys=True, separators=(",", ":")

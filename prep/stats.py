@@ -6,7 +6,9 @@ Sources, all written by ``mvprep build``:
 * ``index/NNNNNN.json``: per sample ``[key, num_tokens, num_patches, num_images]`` and the
   per-image table (:mod:`mvshards.image_table`), so that slices per image and original
   resolutions need no tar either. Indexes built before the image table existed still give
-  every per-sample number; the per-image ones are then reported as missing.
+  every per-sample number; the per-image ones are then reported as missing. An entry's
+  ``channels`` (one per sample, when any sample has a channel) gives the per-channel
+  breakdown of samples, images, tokens and patches.
 
 Percentiles use the nearest-rank definition (numpy ``method="inverted_cdf"``): ``pQ`` is the
 smallest value that at least Q% of the items do not exceed, always a value that occurs, so
@@ -63,6 +65,8 @@ class IndexArrays:
     token_source: str | None = None
     """Where ``tokens`` came from when not from the index: exact counts from a trainer's
     length cache or a tokenizer (:func:`use_exact_tokens`)."""
+    channels: np.ndarray | None = None
+    """Per sample its channel (``""``: none); None when no sample has one."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -90,6 +94,8 @@ def load_index_arrays(out: Path) -> IndexArrays:
     sample_cols: list[np.ndarray] = []
     image_cols: list[ImageColumns] = []
     missing: list[str] = []
+    channels: list[str] = []
+    any_channel = False
     for item in manifest["shards"]:
         path = entry_path(out, int(item["unit"]))
         try:
@@ -108,6 +114,12 @@ def load_index_arrays(out: Path) -> IndexArrays:
         if samples:
             _, tokens, patches, images = zip(*samples, strict=True)
             sample_cols.append(np.array((tokens, patches, images), dtype=np.int64))
+        named = entry.get("channels")
+        if isinstance(named, list) and len(named) == len(samples):
+            any_channel = any_channel or any(named)
+            channels += [c if isinstance(c, str) else "" for c in named]
+        else:
+            channels += [""] * len(samples)
         num_images = int(sample_cols[-1][2].sum()) if samples else 0
         table = read_image_table(entry.get("stats"), num_images)
         if table is None:
@@ -124,6 +136,7 @@ def load_index_arrays(out: Path) -> IndexArrays:
         images=table_arr[2].copy(),
         image_columns=columns,
         missing_image_table=missing,
+        channels=np.array(channels, dtype=str) if any_channel else None,
     )
 
 
@@ -225,8 +238,34 @@ def per_sample_patch_cost(arrays: IndexArrays, cost: CostModel) -> np.ndarray | 
     return np.asarray(cost.padded_totals(totals)[1], dtype=np.int64)
 
 
+def channel_stats(arrays: IndexArrays) -> list[dict[str, Any]]:
+    """Per channel (sorted by name; samples without one last, as ``"channel": None``):
+    samples, images, tokens and patches summed, and the token share. Empty when no sample
+    has a channel."""
+    if arrays.channels is None:
+        return []
+    total_tokens = max(int(arrays.tokens.sum()), 1)
+    names = sorted(str(c) for c in np.unique(arrays.channels))
+    rows = []
+    for name in [*(n for n in names if n), *(n for n in names if not n)]:
+        mine = arrays.channels == name
+        tokens = int(arrays.tokens[mine].sum())
+        rows.append(
+            {
+                "channel": name or None,
+                "samples": int(mine.sum()),
+                "images": int(arrays.images[mine].sum()),
+                "tokens": tokens,
+                "patches": int(arrays.patches[mine].sum()),
+                "token_share": tokens / total_tokens,
+            }
+        )
+    return rows
+
+
 def dataset_stats(arrays: IndexArrays) -> dict[str, Any]:
-    """Counts, rejects by reason, percentiles and the budgets that hold p99 and max samples."""
+    """Counts, rejects by reason, percentiles and the budgets that hold p99 and max samples,
+    and (when samples carry channels) the counts per channel."""
     totals = arrays.manifest.get("totals", {})
     profile = arrays.params.get("profile")
     cost = get_profile(profile or DEFAULT_PROFILE).family.cost
@@ -274,7 +313,7 @@ def dataset_stats(arrays: IndexArrays) -> dict[str, Any]:
             "build time), so the token budgets are safe but larger than needed; exact: "
             "mvprep stats DIR --tokenizer PATH, or --lengths RUN_OUT/cache after a mvtrain run"
         )
-    return {
+    stats = {
         "dataset": str(arrays.out),
         "profile": profile,
         "params": {k: arrays.params.get(k) for k in ("max_res", "max_slice_nums", "tokenizer")},
@@ -286,6 +325,10 @@ def dataset_stats(arrays: IndexArrays) -> dict[str, Any]:
         "budgets": budgets,
         "notes": notes,
     }
+    by_channel = channel_stats(arrays)
+    if by_channel:
+        stats["by_channel"] = by_channel
+    return stats
 
 
 def _fmt(value: Any) -> str:
@@ -294,6 +337,25 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
     return f"{value:,}"
+
+
+def _channel_table(rows: list[dict[str, Any]], exact: bool) -> list[str]:
+    names = [r["channel"] if r["channel"] is not None else "(no channel)" for r in rows]
+    width = max(len("channel"), *(len(n) for n in names))
+    tokens = "tokens" if exact else "tokens*"
+    lines = [
+        "by channel:",
+        f"  {'channel':{width}}  {'samples':>10} {'images':>10} {tokens:>14} {'share':>6} "
+        f"{'patches':>14}",
+    ]
+    for name, r in zip(names, rows, strict=True):
+        lines.append(
+            f"  {name:{width}}  {_fmt(r['samples']):>10} {_fmt(r['images']):>10} "
+            f"{_fmt(r['tokens']):>14} {r['token_share']:>6.1%} {_fmt(r['patches']):>14}"
+        )
+    if not exact:
+        lines.append(f"  * {ESTIMATE_LABEL}")
+    return lines
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -310,6 +372,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats["rejects_by_reason"]:
         lines.append("rejects by reason:")
         lines += [f"  {n:>8,}  {r}" for r, n in stats["rejects_by_reason"].items()]
+    if stats.get("by_channel"):
+        lines += _channel_table(stats["by_channel"], stats["token_counts_exact"])
     width = max(len(k) for k in stats["percentiles"])
     lines.append(f"{'':{width}}  {'p50':>10} {'p90':>10} {'p99':>10} {'max':>10}")
     estimated = "" if stats["token_counts_exact"] else f" ({ESTIMATE_LABEL})"

@@ -156,10 +156,15 @@ class EstimateTokenCounter:
     ``<|im_start|>role\\n ... <|im_end|>\\n``)
 
     plus what the profile's real template may add: the 2.6 family's default system prompt
-    (``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n``, 38) and, for the 4.6
-    family, an empty thinking block in front of each answer (``<think>\\n\\n</think>\\n\\n``,
-    19 per assistant turn). That holds for any text in any language, and for any byte-level
-    BPE vocabulary, however small.
+    (``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n``, 38) and, for a family
+    with an empty thinking block (4.6, ``<think>\\n\\n</think>\\n\\n``; see
+    :mod:`mvshards.think_block`), per assistant turn: 19 when its content has no ``</think>``
+    (``--think-block never``, or an unclosed ``<think>``: a Qwen3-style thinking template writes
+    the block itself before the answers after the last user turn), else 4 (with
+    ``--think-block auto`` the block is in the content already and counted as its bytes; such a
+    template rewrites ``<think>R</think>A`` as ``<think>\\nR\\n</think>\\n\\nA``, at most 4 bytes
+    more, 11 when no ``<think>`` opens it, and drops what it strips). That holds for any text
+    in any language, and for any byte-level BPE vocabulary, however small.
 
     Margin, measured on the demo set (``python scripts/estimate_margin.py``: its 55 valid
     records, exact counts from the tiny test tokenizer ``mvshards.tiny_tokenizer``, a byte-level
@@ -188,17 +193,30 @@ class EstimateTokenCounter:
     TURN_TAIL_BYTES = 1
     """The newline after ``<|im_end|>``."""
     DEFAULT_SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    EMPTY_THINK_BLOCK = "<think>\n\n</think>\n\n"
+    THINK_REWRITE_BYTES = 4
+    """What a thinking template may add to a content with ``</think>``: the newlines of
+    ``<think>\\n`` + R + ``\\n</think>\\n\\n``."""
 
     def __init__(self, profile: str | None = None) -> None:
-        family = get_profile(profile or DEFAULT_PROFILE).family.name
+        family = get_profile(profile or DEFAULT_PROFILE).family
         self.profile = profile or DEFAULT_PROFILE
         self.extra_per_sample = (
             self.TURN_SPECIALS + utf8_bytes("system\nYou are a helpful assistant.") + 1
-            if family == "2.6"
+            if family.name == "2.6"
             else 0
         )
-        self.extra_per_answer = utf8_bytes(self.EMPTY_THINK_BLOCK) if family == "4.6" else 0
+        self.think_block = family.non_thinking_prefix
+        self.extra_per_answer = utf8_bytes(self.think_block)
+        """The most an answer's think block can add (:meth:`_answer_margin`)."""
+
+    def _answer_margin(self, content: str) -> int:
+        """Bytes a thinking template may add to an answer (see the class doc)."""
+        if not self.think_block:
+            return 0
+        if "</think>" not in content:
+            return self.extra_per_answer
+        opened = "<think>" in content.split("</think>", 1)[0]
+        return self.THINK_REWRITE_BYTES + (0 if opened else utf8_bytes("<think>"))
 
     def count_text_tokens(
         self, conversations: Sequence[dict[str, str]], image_names: Sequence[str]
@@ -213,7 +231,7 @@ class EstimateTokenCounter:
             total += self.TURN_SPECIALS + utf8_bytes(f"{turn['role']}\n{text}")
             total += self.TURN_TAIL_BYTES
             if turn["role"] == "assistant":
-                total += self.extra_per_answer
+                total += self._answer_margin(text)
         return total
 
     def info(self) -> dict[str, Any]:
@@ -222,6 +240,7 @@ class EstimateTokenCounter:
             "bound": "upper",
             "rule": "per turn 3 + utf8_bytes(role + newline + content); "
             f"+{self.extra_per_sample} per sample, +{self.extra_per_answer} per answer "
+            f"(+{self.THINK_REWRITE_BYTES if self.think_block else 0} with </think>) "
             f"({self.profile})",
         }
 
@@ -261,3 +280,12 @@ def make_token_counter(
         counter = EstimateTokenCounter(profile) if path is None else HFTokenCounter(path)
         _COUNTERS[key] = counter
     return counter
+
+
+def token_counter_fingerprint(tokenizer_path: str | Path) -> str:
+    """:func:`mvshards.lengths_cache.tokenizer_fingerprint` of the ``--tokenizer`` the exact
+    counts come from (loaded once per process, as the counter does)."""
+    from mvshards.lengths_cache import tokenizer_fingerprint
+
+    counter = make_token_counter(tokenizer_path)
+    return tokenizer_fingerprint(counter.tokenizer)  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvprep.imaging import ImageError
+from mvprep.imaging import ImageError, check_imaging_path
 from mvprep.inputs import open_inputs
 from mvprep.options import BuildOptions
 from mvprep.records import RecordError, normalize_record
@@ -106,12 +106,15 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
     reject in the entry. Only I/O on the output folder (disk full, permissions) raises.
     """
     events = events or UnitEvents()
+    # a worker that cannot run the build's imaging path fails the unit (never other bytes)
+    check_imaging_path(options.imaging_path or "opencv")
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     inputs = open_inputs(options.data_paths)
     counter = make_token_counter(options.tokenizer, options.profile)
 
     out = Path(options.out_dir)
     rows: list[list[Any]] = []
+    channels: list[str | None] = []
     rejects: list[dict[str, Any]] = []
     num_images = image_bytes = 0
     image_table = new_image_table()  # per image: slices, original size... (image_table)
@@ -145,6 +148,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
                 for name in sorted(sample.members):
                     writer.add(name, sample.members[name])
                 rows.append(sample.meta.index_row())
+                channels.append(sample.meta.channel)
                 add_image_rows(image_table, sample.meta.images)
                 num_images += sample.num_images
                 image_bytes += sum(
@@ -171,6 +175,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
             "cpu_seconds": round(time.process_time() - started_cpu, 3),
             IMAGE_TABLE_KEY: image_table,
         },
+        channels=channels if any(c is not None for c in channels) else None,
     )
     write_entry(out, entry)
     return entry

@@ -11,14 +11,17 @@ On a seeded synthetic index (default) or a built dataset folder (``--shards DIR`
 the sample JSON members read for the slice table), three batchings of the same samples are compared:
 
 * ``ours``: :func:`mvtrain.batching.schedule.all_rank_plans` (shard shuffle, shuffle
-  buffer, streaming 2-D bucketer, windowed batch shuffle, costliest first);
+  buffer, one streaming 2-D bucketer for the epoch, windowed batch shuffle, splits before
+  fillers, dealt to (step, rank) slots balancing padded cost, costliest step first);
 * ``fixed4``: batch size 4 in random order (the official fine-tuning scripts);
 * ``grouped``: length-grouped batching (random mega-batches of 50 batches, sorted by tokens,
   chunked; HF ``group_by_length``) with our mean batch size.
 
 Printed: token and patch efficiency (real / padded), budget utilisation (padded / budget),
 max / std / p95-over-p50 of per-batch padded tokens and patches, and batches over budget,
-with ratios of ours against each baseline. The synthetic samples use the exact slice layout
+with ratios of ours against each baseline; for ours also the fillers (count and fraction of
+all micro-batches) and the per-step balance (the ranks' median over largest padded cost:
+mean, p5 and min over the steps). The synthetic samples use the exact slice layout
 (``mvshards.layout``) of random image sizes: a mixture of text-only, single-image (1-10
 sub-images) and multi-image (2-4 images) conversations, 100-4000 tokens, 0-~30000 patches.
 """
@@ -41,14 +44,12 @@ from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
 from mvshards.tario import iter_shard
 from mvtrain.batching.bucketer import Batch, make_batch
+from mvtrain.batching.plan_index import PlanIndex, SliceTable, slice_costs
 from mvtrain.batching.schedule import (
-    PlanIndex,
-    SliceTable,
     all_rank_plans,
     batch_stats,
     equal_step_plans,
     plan_report,
-    slice_costs,
 )
 from mvtrain.budgets import Budgets
 
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = all_rank_plans(
         index, args.seed, 0, args.world_size, budgets, model, args.shuffle_buffer,
         args.num_buckets, max_buffered=args.max_buffered, patch_rows=args.patch_rows,
+        grad_accum=args.grad_accum,
     )  # fmt: skip
     plan_s = time.perf_counter() - t0
     steps, padded = equal_step_plans(plans, args.grad_accum)
@@ -213,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan: {plan_s:.2f} s for {args.world_size} rank(s); {steps} steps x "
           f"{args.grad_accum}; fillers {report['fillers']}; oversize {report['oversize']}; "
           f"closed by {report['closed_by']}; grouped uses batch size {size}")  # fmt: skip
+    total = sum(report["micro_batches_per_rank"])
+    balance = report["step_balance"]
+    print(f"fillers {report['fillers']} of {total} micro-batches "
+          f"({report['filler_fraction']:.1%}); per-step balance (p50/max padded cost over "
+          f"ranks): mean {balance['mean']:.3f}, p5 {balance['p5']:.3f}, "
+          f"min {balance['min']:.3f}")  # fmt: skip
     print(format_table(stats))
     ok = ours["token_efficiency"] >= 0.95 and ours["over_budget"] == 0
     print(f"target (token efficiency >= 0.95, no batch over budget): {'MET' if ok else 'MISSED'}")

@@ -63,6 +63,11 @@ class Family:
     label_rule: str = "mvkit"
     """The default label rule (``mvtrain.data.tokenize.LABEL_RULES``): ``"official"`` (the
     2.6 family: labels identical to the official ``finetune/dataset.py``) or ``"mvkit"``."""
+    non_thinking_prefix: str = ""
+    """What the family's fine-tuning recipes put in front of an answer that carries no reasoning
+    (a hybrid thinking model's empty ``<think>`` block), applied by ``mvprep build
+    --think-block auto`` (:mod:`mvshards.think_block`), never labelled by the trainer; empty:
+    the family's recipes add nothing and ``--think-block`` has no effect."""
 
     def __str__(self) -> str:
         return self.name
@@ -80,6 +85,9 @@ NATIVE_46 = Family(
     placeholder_mask=True,
     adapter_dummy_image=True,
     named_span_tokens=True,
+    # ms-swift's ``minicpmv4_6`` template (``non_thinking_prefix``) and the Cookbook's 4.6
+    # recipes; sources in mvshards.think_block.
+    non_thinking_prefix="<think>\n\n</think>\n\n",
 )
 REMOTE_26 = Family(
     name="2.6",

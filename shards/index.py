@@ -88,13 +88,20 @@ class ShardEntry:
     stats: dict[str, Any] = field(default_factory=dict)
     """Per-shard numbers (images, image bytes, seconds, CPU seconds...) and the per-image
     table (:mod:`mvshards.image_table`)."""
+    channels: list[str | None] | None = None
+    """Per sample, parallel to :attr:`samples`: its channel (None: it has none). None (and
+    absent from the JSON, so such entries are byte-identical to older ones and older readers
+    ignore the key) when no sample of the shard has a channel."""
 
     def image_columns(self) -> ImageColumns | None:
         """The entry's per-image table; None when it has none (an older mvprep)."""
         return read_image_table(self.stats, sum(row[3] for row in self.samples))
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        obj = asdict(self)
+        if self.channels is None:
+            del obj["channels"]
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ShardEntry:
@@ -115,10 +122,22 @@ class ShardEntry:
             samples=samples,
             rejects=rejects,
             stats=dict(obj.get("stats") or {}),
+            channels=_channels(obj.get("channels"), len(samples)),
         )
         if entry.num_samples != len(samples):
             raise ValueError(f"num_samples {entry.num_samples} but {len(samples)} sample rows")
         return entry
+
+
+def _channels(value: Any, num_samples: int) -> list[str | None] | None:
+    """An entry's ``channels`` checked: None, or one string-or-None per sample row."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != num_samples:
+        raise ValueError(f"channels is not a list of {num_samples} entries, one per sample")
+    if not all(c is None or isinstance(c, str) for c in value):
+        raise ValueError("channels holds something other than strings and nulls")
+    return list(value)
 
 
 def _dumps(obj: Any, indent: int | None = None) -> bytes:
@@ -315,9 +334,24 @@ class DatasetIndex:
     """The per-image table over all images; None when an entry lacks it."""
     missing_image_table: list[str] = field(default_factory=list)
     """Entry files without a usable per-image table (built by an older mvprep)."""
+    channels: np.ndarray | None = None
+    """Per sample its channel (numpy unicode array, ``""``: none; a channel is never empty);
+    None when no sample has one (entries without ``channels``, e.g. older builds)."""
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def sample_channels(self) -> np.ndarray:
+        """:attr:`channels`, or all ``""`` (no channel) when the index has none."""
+        if self.channels is None:
+            return np.full(len(self.keys), "", dtype=str)
+        return self.channels
+
+    def channel_names(self) -> list[str]:
+        """The distinct channels of the samples, sorted (empty when none has one)."""
+        if self.channels is None:
+            return []
+        return sorted(str(c) for c in np.unique(self.channels) if c)
 
     def slice_costs(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per sample ``(slices, max_patches_per_slice)`` from the per-image table (see
@@ -394,6 +428,8 @@ def load_index(out: Path) -> DatasetIndex:
     rows: list[tuple[int, int, int]] = []
     tables: list[ImageColumns] = []
     missing: list[str] = []
+    channels: list[str] = []
+    any_channel = False
     for position, item in enumerate(manifest["shards"]):
         entry = _listed_entry(out, item)
         shards.append(
@@ -411,6 +447,11 @@ def load_index(out: Path) -> DatasetIndex:
             keys.append(key)
             shard_ids.append(position)
             rows.append((tokens, patches, images))
+        if entry.channels is None:
+            channels += [""] * entry.num_samples
+        else:
+            any_channel = any_channel or any(entry.channels)
+            channels += [c or "" for c in entry.channels]
         columns = entry.image_columns()
         if columns is None:
             missing.append(str(entry_path(out, entry.unit)))
@@ -429,4 +470,5 @@ def load_index(out: Path) -> DatasetIndex:
         num_images=table[:, 2].copy(),
         image_columns=None if missing else concat_columns(tables),
         missing_image_table=missing,
+        channels=np.array(channels, dtype=str) if any_channel else None,
     )

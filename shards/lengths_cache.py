@@ -20,8 +20,22 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+FINGERPRINT_PARAM = "tokenizer_fingerprint"
+"""The manifest ``params`` entry naming the tokenizer an exact build counted with: the
+trainer skips its recount when it equals :func:`tokenizer_fingerprint` of its own."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What identifies a tokenizer's counts: its vocabulary and chat template (16 hex)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return h.hexdigest()[:16]
+
 
 CACHE_DIR = "cache"
 """The cache folder inside a trainer run's output folder."""

@@ -106,6 +106,10 @@ class SampleMeta:
     ``{"file": "b.jsonl", "index": 12}`` (the file relative to the folder holding all the
     inputs, the record's 0-based position in it). None (and absent from the JSON) for a
     one-file build, whose key is the position in its file; older shards have none."""
+    channel: str | None = None
+    """The record's channel (its ``channel``, else ``source``, else ``dataset`` string field,
+    else ``mvprep build --channel``): the trainer reports loss per channel. None (and absent
+    from the JSON) when it has none; older shards have none."""
 
     @property
     def num_patches(self) -> int:
@@ -136,6 +140,8 @@ class SampleMeta:
         }
         if self.source is not None:
             obj["source"] = dict(self.source)
+        if self.channel is not None:
+            obj["channel"] = self.channel
         return obj
 
     @classmethod
@@ -146,6 +152,9 @@ class SampleMeta:
                 f"sample {obj.get('key')!r} has schema_version {version}, this mvkit reads "
                 f"{SCHEMA_VERSION}: rebuild the shards with this version of mvprep"
             )
+        channel = obj.get("channel")
+        if channel is not None and not isinstance(channel, str):
+            raise ValueError(f"sample {obj.get('key')!r} has a channel that is not a string")
         return cls(
             key=obj["key"],
             id=obj["id"],
@@ -155,10 +164,12 @@ class SampleMeta:
             token_count_exact=obj["token_count_exact"],
             image_names=obj.get("image_names", []),
             source=obj.get("source"),
+            channel=channel,
         )
 
     def index_row(self) -> list[Any]:
-        """The row the index keeps for planning: ``[key, num_tokens, num_patches, num_images]``."""
+        """The row the index keeps for planning: ``[key, num_tokens, num_patches, num_images]``
+        (the channel is kept beside the rows: :attr:`mvshards.index.ShardEntry.channels`)."""
         return [self.key, self.num_tokens, self.num_patches, len(self.images)]
 
 

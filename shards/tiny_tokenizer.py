@@ -43,6 +43,41 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+TINY_THINKING_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}"
+    "{%- for message in messages[::-1] %}"
+    "{%- if not ns.found and message.role == 'user' %}{%- set ns.found = true %}"
+    "{%- set ns.last_query_index = (messages|length - 1) - loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message.content | trim %}"
+    "{%- if message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n')"
+    ".split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- set reasoning_content = reasoning_content | trim %}"
+    "{%- if loop.index0 > ns.last_query_index %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content"
+    " + '\\n</think>\\n\\n' + content }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}"
+)
+"""A thinking-style template for tests (``build_tiny_tokenizer(..., thinking=True)``): the
+assistant and generation-prompt branches of the Qwen3/Qwen3.5 chat templates that MiniCPM-V
+4.6's (a Qwen3.5 language model) follows -- contents trimmed, a ``<think>R</think>`` in an
+answer split off, every answer after the last user turn written as ``<think>\\nR\\n</think>\\n\\n``
++ answer (an empty block when it has no reasoning), earlier answers without their reasoning;
+the generation prompt ends in an empty block when ``enable_thinking=False``. The tool and
+vision branches are left out."""
+
+TINY_THINK_TOKENS = ("<think>", "</think>")
+"""Added (not special) tokens of the thinking variant, as in the Qwen3 vocabulary."""
+
 TINY_VOCAB_TARGET = 1024
 """Base bytes (256) plus merges; training stops earlier when no pair occurs twice."""
 
@@ -124,10 +159,14 @@ def _train_bpe(words: Counter[str], vocab_target: int) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tiny_tokenizer(out_dir: Path | str, vocab_target: int = TINY_VOCAB_TARGET) -> Path:
+def build_tiny_tokenizer(
+    out_dir: Path | str, vocab_target: int = TINY_VOCAB_TARGET, thinking: bool = False
+) -> Path:
     """Write the tiny tokenizer to ``out_dir`` (created if needed) and return ``out_dir``.
 
-    The same arguments always produce the same files, byte for byte.
+    ``thinking``: the thinking-style variant -- :data:`TINY_THINKING_CHAT_TEMPLATE` and
+    ``<think>``/``</think>`` as added tokens. The same arguments always produce the same
+    files, byte for byte.
     """
     from tokenizers import (
         AddedToken,
@@ -170,6 +209,13 @@ def build_tiny_tokenizer(out_dir: Path | str, vocab_target: int = TINY_VOCAB_TAR
             for t in TINY_SPECIAL_TOKENS.values()
         ]
     )
+    if thinking:
+        tok.add_tokens(
+            [
+                AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False)
+                for t in TINY_THINK_TOKENS
+            ]
+        )
     s = TINY_SPECIAL_TOKENS
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -191,7 +237,7 @@ def build_tiny_tokenizer(out_dir: Path | str, vocab_target: int = TINY_VOCAB_TAR
             "im_start_token": s["im_start"],
         },
     )
-    hf.chat_template = TINY_CHAT_TEMPLATE
+    hf.chat_template = TINY_THINKING_CHAT_TEMPLATE if thinking else TINY_CHAT_TEMPLATE
     hf.save_pretrained(str(out_dir))
     _normalise_json_files(out_dir)
     return out_dir

@@ -20,3 +20,14 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     options = BuildOptions(data_path=data, out_dir=out, max_res=448, samples_per_shard=3)
     assert build(options, workers=1, progress=False).ok
     return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 ranks of DeepSpeed ZeRO-2 on CPU, 6 steps, a checkpoint every 2 and a batch log
+    (test_train_run's run, and the no-eval reference of test_eval)."""
+    from run_helpers import TWO_RANK_ARGS, _train
+
+    out = tmp_path_factory.mktemp("run") / "a"
+    _train(shards, out, *TWO_RANK_ARGS, "--batch-log", str(out / "batches.jsonl"))
+    return out

@@ -73,7 +73,14 @@ def build_remote_tokenizer(out: Path, chat_template: str = QWEN2_CHAT_TEMPLATE) 
     tok_json = out / "tokenizer.json"
     data = json.loads(tok_json.read_text(encoding="utf-8"))
     model = data["model"]
-    next_id = max(max(model["vocab"].values()), max(t["id"] for t in data["added_tokens"])) + 1
+    # The new entries go right after the base vocabulary and the added tokens move up by as
+    # many: transformers 5 builds a Qwen2 tokenizer from vocab + merges and numbers the added
+    # tokens from len(vocab) on, so entries placed after the added tokens would share their
+    # ids ("assistant" decoding as "<image_id>").
+    next_id = max(model["vocab"].values()) + 1
+    for token in data["added_tokens"]:
+        if token["id"] >= next_id:
+            token["id"] += len(EXTRA_MERGES)
     for n, (a, b) in enumerate(EXTRA_MERGES):
         model["vocab"][a + b] = next_id + n
         model["merges"].append([a, b])

@@ -32,11 +32,17 @@ def _train(
     return proc
 
 
+TWO_RANK_ARGS = ("--nproc-per-node", "2", "--max-steps", "6", "--epochs", "4", "--save-every", "2")
+"""The 2-rank DeepSpeed run of the ``two_rank_run`` fixture (conftest)."""
+
+
 def _losses(out: Path) -> dict[int, float]:
+    """The training loss of every step (a row of an eval alone, step 0, has none)."""
     found: dict[int, float] = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        found[record["step"]] = record["loss"]  # a resumed run rewrites steps: keep the last
+        if "loss" in record or "eval_loss" not in record:
+            found[record["step"]] = record["loss"]  # a resumed run rewrites steps: keep the last
     return found
 
 

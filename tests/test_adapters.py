@@ -149,7 +149,9 @@ def test_dummy_vision_gives_zero_grads_and_keeps_the_loss(
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         plain, plain_count = token_loss_sum(out.logits, batch["labels"])
-    assert torch.equal(loss.detach(), plain) and count == plain_count
+    # the chunked loss (default) sums in another order than the plain one: 1e-5 relative
+    torch.testing.assert_close(loss.detach(), plain, rtol=1e-5, atol=0)
+    assert count == plain_count
     vision = [p.grad for p in model.model.vision_tower.parameters()]
     vision += [p.grad for p in model.model.merger.parameters()]
     assert all(g is not None for g in vision), "every vision parameter must get a gradient"

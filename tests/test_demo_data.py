@@ -126,6 +126,32 @@ def test_counts_and_record_shapes(demo: Path) -> None:
         assert ("image" in r) == ("<image>" in conv[0]["value"])
 
 
+def test_cookbook_records_build_whole_in_the_shapes_the_recipes_write(
+    demo: Path, tmp_path: Path
+) -> None:
+    from mvprep.build import build
+    from mvprep.options import BuildOptions
+    from mvshards.index import load_index
+
+    expected = json.loads((demo / "expected.json").read_text(encoding="utf-8"))
+    lines = (demo / expected["cookbook"]).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["id"] for r in records] == expected["cookbook_ids"]
+    assert all(set(r) <= {"id", "messages", "images", "channel"} for r in records)
+    contents = [t["content"] for r in records for t in r["messages"]]
+    assert any(isinstance(c, list) for c in contents), "content parts"
+    assert any(isinstance(c, str) and "<image>" in c for c in contents), "string tags"
+    assert any(t["role"] == "system" for r in records for t in r["messages"])
+    assert any(len(r.get("images", [])) == 2 for r in records)
+    out = tmp_path / "cookbook"
+    options = BuildOptions(data_path=demo / expected["cookbook"], out_dir=out, max_res=448)
+    result = build(options, workers=1, progress=False)
+    assert result.ok
+    index = load_index(out)
+    assert len(index.keys) == len(records), "every Cookbook-style record becomes a sample"
+    assert list(index.num_images) == [len(r.get("images", [])) for r in records]
+
+
 def test_good_images_open_and_cover_formats(demo: Path) -> None:
     data, llava, expected = _records(demo)
     referenced = {

@@ -20,7 +20,8 @@ from mvtrain.distributed import DEFAULT_ALLOC_CONF, alloc_conf_env, ensure_alloc
 from mvtrain.loop import RunResult
 
 SLEEP_S = 8
-"""How long rank 0 sleeps after recounting lengths, before the barrier the others wait in."""
+"""How long rank 0 sleeps after recounting its share of the lengths, before the all-gather
+of the counts the others wait in."""
 
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ALLOC_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -50,7 +51,7 @@ def test_a_timeout_shorter_than_rank_0s_recount_fails_the_run(
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
     assert "Timed out waiting 4800ms" in output, output[-6000:]
-    assert "in barrier" in output, "the timeout was not in the barrier after the recount"
+    assert "in gather_counts" in output, "the timeout was not in the gather of the counts"
 
 
 @pytest.mark.slow

@@ -249,7 +249,11 @@ def test_frozen_vision_keeps_no_activations(tiny):
 def test_real_size_activation_terms():
     config = real46_config()
     full = activation_model(config, TrainingSetup(bf16=True))
-    assert full.logits_bytes_per_token == 4 * 248094 + 8  # fp32 log-probs + int64 target
+    assert full.logits_bytes_per_token == 2 * 1024 + 16  # bf16 hidden row + index + target
+    plain = activation_model(config, TrainingSetup(bf16=True, chunked_loss=False))
+    assert plain.logits_bytes_per_token == 4 * 248094 + 8  # fp32 log-probs + int64 target
+    assert plain.bytes_per_token == full.bytes_per_token + 2 * 1024  # lm_head input
+    assert full.peak_bytes(8192, 20000) < plain.peak_bytes(8192, 20000) - 16 * 2**30
     assert full.estimate  # linear-attention layers are estimated
     assert full.quadratic_bytes_per_token_sq == 2 * 6  # mask copy in 6 full-attention layers
     flash = activation_model(config, TrainingSetup(attention="flash"))

@@ -118,6 +118,11 @@ def test_the_launcher_prints_each_cause_once(capsys: pytest.CaptureFixture[str])
     assert report([-15, -9], {0}, {}) == 137
     err = capsys.readouterr().err
     assert err.startswith("mvtrain: error: rank 1 was killed by SIGKILL (the out-of-memory")
+    # rank 1 SIGKILLed from outside at t=5; rank 0's error at t=6 is its consequence
+    reset = {0: _failure(0, "Connection closed by peer", False, 6.0)}
+    assert report([1, -9], set(), reset, [6.1, 5.0]) == 137
+    err = capsys.readouterr().err
+    assert err.startswith("mvtrain: error: rank 1 was killed by SIGKILL") and "peer" not in err
     assert report([0, 0], set(), {}) == 0 and capsys.readouterr().err == ""
 
 
@@ -187,3 +192,32 @@ def test_a_damaged_shard_is_one_line_naming_mvprep_verify(shards: Path, tmp_path
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert _lines(debug.stderr)[-1] == _lines(proc.stderr)[0]
+
+
+@pytest.mark.slow  # the shards fixture builds a data set
+def test_a_garbled_sample_of_the_right_size_names_its_shard_and_mvprep_verify(
+    shards: Path, tmp_path: Path
+) -> None:
+    import tarfile
+
+    from mvshards.index import load_index
+    from mvtrain.data.lengths import exact_lengths
+    from mvtrain.data.loader import ShardReadError
+    from mvtrain.model.tiny import load_tiny_tokenizer
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar_path = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar if m.name.endswith(".json"))
+    with open(tar_path, "r+b") as handle:  # same size: only a content check can see it
+        handle.seek(member.offset_data)
+        handle.write(b"\xff" * member.size)
+    index = load_index(copy)
+    index.check_shard_files()  # sizes still agree
+    with pytest.raises(ShardReadError) as caught:
+        exact_lengths(index, load_tiny_tokenizer(), str(index.params["profile"]), None)
+    key = member.name.split(".")[0]
+    message = str(caught.value)
+    assert message.startswith(f"{tar_path}: sample {key} cannot be read (")
+    assert message.endswith(f"run `mvprep verify {copy}` and rebuild the shards it names")

@@ -17,6 +17,8 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow  # subprocess runs, DeepSpeed
 
 THRESHOLD = 500  # padded tokens; the plan (budget 1024) has micro-batches above it
+RANK1_THRESHOLD = 440
+"""For the faults on rank 1 only: the 2-rank plan's rank 1 has micro-batches above it."""
 
 
 def _events(out: Path) -> list[dict]:
@@ -79,15 +81,20 @@ def test_an_oom_on_one_rank_does_not_hang_the_other(shards: Path, tmp_path: Path
         "3",
         "--batch-log",
         str(out / "batches.jsonl"),
-        env=_env(MVTRAIN_FAULT=f"oom-forward-rank1:{THRESHOLD}"),
+        env=_env(MVTRAIN_FAULT=f"oom-forward-rank1:{RANK1_THRESHOLD}"),
     )
-    assert {e["rank"] for e in _events(out)} == {1}
+    events = _events(out)
+    assert events and {e["rank"] for e in events} == {1}
     assert _saved_budgets(out, 0) == _saved_budgets(out, 1)
-    assert _saved_budgets(out, 0).tokens <= THRESHOLD
+    assert _saved_budgets(out, 0).tokens <= RANK1_THRESHOLD
     assert len(_digests(out)) == 1
-    batches = _batches(out)
-    rounds = {r: sum(1 for b in batches if b["rank"] == r) for r in (0, 1)}
-    assert rounds[1] >= rounds[0], "rank 1 ran its split pieces"
+    pieces = [b for b in _batches(out) if b["rank"] == 1 and b["weight"] > 0]
+    for event in events:  # rank 1 trained the failed micro-batch's samples in smaller pieces
+        trained = [
+            b for b in pieces if b["step"] == event["step"] and set(b["keys"]) <= set(event["keys"])
+        ]
+        assert sorted(k for b in trained for k in b["keys"]) == sorted(event["keys"])
+        assert all(b["padded_tokens"] <= RANK1_THRESHOLD for b in trained)
 
 
 def test_backward_oom_replays_the_window_with_the_torch_engine(shards: Path, tmp_path: Path):
@@ -134,7 +141,7 @@ def test_backward_oom_on_one_rank_under_deepspeed_ends_the_run_with_its_restart_
     cmd = [*MVTRAIN, "--shards", str(shards), "--model", "tiny", "--output", str(out)]
     cmd += ["--token-budget", str(TOKENS), "--patch-budget", str(PATCHES), "--no-progress"]
     cmd += ["--nproc-per-node", "2", "--max-steps", "3"]
-    env = _env(MVTRAIN_FAULT=f"oom-backward-rank1:{THRESHOLD}")
+    env = _env(MVTRAIN_FAULT=f"oom-backward-rank1:{RANK1_THRESHOLD}")
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode != 0

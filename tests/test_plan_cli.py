@@ -160,17 +160,6 @@ def test_probe_refuses_without_cuda(shards: Path, tmp_path: Path) -> None:
     assert proc.returncode != 0 and "needs CUDA" in proc.stderr
 
 
-def test_the_gpu_check_script_runs_its_path_on_cpu() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "predicted GiB" in proc.stdout and "plan: --token-budget" in proc.stdout
-
-
 def test_sizes_have_one_reading_and_p99_is_the_nearest_rank() -> None:
     from mvshards.units import p99, parse_bytes
     from mvtrain.memory.budgets import IndexStats

@@ -11,28 +11,12 @@ from run_helpers import PATCHES, TOKENS, _digests, _env, _losses, _train
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow  # subprocess runs, 2 ranks of DeepSpeed
+TWO_RANK_GROUP = pytest.mark.xdist_group("two_rank_run")
+"""On one xdist worker with the other users of the session fixture ``two_rank_run``
+(pytest runs ``--dist loadgroup``), so it runs once."""
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "a"
-    _train(
-        shards,
-        out,
-        "--nproc-per-node",
-        "2",
-        "--max-steps",
-        "6",
-        "--epochs",
-        "4",
-        "--save-every",
-        "2",
-        "--batch-log",
-        str(out / "batches.jsonl"),
-    )
-    return out
-
-
+@TWO_RANK_GROUP
 def test_two_ranks_zero2_loss_falls_and_weights_agree(two_rank_run: Path) -> None:
     losses = _losses(two_rank_run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -42,6 +26,7 @@ def test_two_ranks_zero2_loss_falls_and_weights_agree(two_rank_run: Path) -> Non
     assert run["engine"] == "deepspeed" and run["world_size"] == 2
 
 
+@TWO_RANK_GROUP
 def test_batch_log_respects_the_budgets_on_every_rank(two_rank_run: Path) -> None:
     lines = [json.loads(x) for x in (two_rank_run / "batches.jsonl").read_text().splitlines()]
     assert {line["rank"] for line in lines} == {0, 1}
@@ -54,6 +39,7 @@ def test_batch_log_respects_the_budgets_on_every_rank(two_rank_run: Path) -> Non
     assert per_rank[0] == per_rank[1] == 6, "every rank runs the same number of micro-batches"
 
 
+@TWO_RANK_GROUP
 def test_kill_then_resume_matches_the_uninterrupted_run_bitwise(
     shards: Path, two_rank_run: Path, tmp_path: Path
 ) -> None:
@@ -67,6 +53,7 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bitwise(
     assert _digests(out) == _digests(two_rank_run)
 
 
+@TWO_RANK_GROUP
 def test_the_export_loads_back_in_transformers(two_rank_run: Path) -> None:
     from transformers import AutoModelForImageTextToText
 

@@ -73,6 +73,17 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state a rank's training consumes (Python, numpy, torch, CUDA): what
+    :func:`restore_rng` puts back, e.g. around an evaluation."""
+    return _rng_state()
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the RNG states :func:`capture_rng` returned."""
+    _set_rng_state(state)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -13,7 +13,7 @@ import click
 from mvshards.command_line import expected_classes, png_callback, run_cli
 from mvtrain.cli_options import GRAD_ACCUM, SETUP, SHARDS, options
 from mvtrain.cli_plan import plan_command, probe_command
-from mvtrain.launch import exit_now, launch, report_failure, strip_nproc
+from mvtrain.launch import exit_now, launch, report_failure, strip_nproc, watch_parent
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET
 
 
@@ -179,13 +179,40 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     default=None,
     help="Save a checkpoint every N optimizer steps (and always at the end).",
 )
+@click.option(
+    "--eval-shards",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    multiple=True,
+    help="Held-out shard folder (`mvprep build`, same --profile and --max-res as --shards) to "
+    "evaluate on: without gradients, under the same budgets, split over the ranks; logs "
+    "eval_loss and eval_loss_by_channel (per loss group) at step 0, every --eval-every steps "
+    "and at the end. Repeatable.",
+)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=None,
+    help="Evaluate every N optimizer steps too [default: only at step 0 and at the end].",
+)
+@click.option(
+    "--eval-max-samples",
+    type=int,
+    default=None,
+    help="Evaluate the first M eval samples only (dataset order, the same every time).",
+)
+@click.option(
+    "--save-best",
+    is_flag=True,
+    help="Keep the checkpoint and HF export of the lowest eval loss in OUT/best/ "
+    "(best.json names its step and loss).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
 @click.option(
     "--overwrite",
     is_flag=True,
     help="Start a new run in an --output folder that holds one: first delete its run files "
     "(metrics.jsonl, run.json, events.jsonl, skipped.jsonl, restart.json, report.png, "
-    "deepspeed_config.json, params-rank*.sha256, checkpoints/, hf/, tensorboard/); cache/ "
+    "deepspeed_config.json, params-rank*.sha256, checkpoints/, hf/, tensorboard/, best/); cache/ "
     "and other files stay.",
 )
 @click.option(
@@ -225,9 +252,15 @@ def run_command(
     bf16_alias: bool,
     **options: object,
 ) -> None:
-    """Train (or --dry-run the data path) on SHARDS."""
+    """Train (or --dry-run the data path) on SHARDS.
+
+    The loss is also reported per loss group: a sample's channel when it has one (the
+    record's channel/source/dataset field, or mvprep build --channel), else its --shards
+    folder; metrics.jsonl keys them loss_by_channel and loss_by_source."""
     if nproc_per_node and "RANK" not in os.environ:
         sys.exit(launch(nproc_per_node, strip_nproc(sys.argv[1:])))
+    if "RANK" in os.environ:  # a rank of this launcher or of torchrun
+        watch_parent()
     from mvshards.units import parse_bytes
     from mvtrain.distributed import name_cpu_accelerator
     from mvtrain.loop import run
@@ -324,6 +357,27 @@ def _source_rows(result: Any) -> list[tuple[str, str]]:
     return rows
 
 
+def _channel_rows(result: Any) -> list[tuple[str, str]]:
+    """One summary row per channel (samples that carry one): its mean loss over the run."""
+    from mvtrain.batching.sources import split_group_losses
+
+    channels = split_group_losses(result.loss_by_source).get("loss_by_channel", {})
+    return [(f"channel {name}", f"loss {loss:.4f}") for name, loss in sorted(channels.items())]
+
+
+def _eval_rows(result: Any) -> list[tuple[str, str]]:
+    """``--eval-shards``: the first and last eval loss, and the best kept (``--save-best``)."""
+    evals = getattr(result, "evals", [])
+    if not evals:
+        return []
+    rows = [("eval loss first / last", f"{evals[0].loss:.4f} / {evals[-1].loss:.4f}")]
+    if result.best is not None:
+        where = Path(result.output) / "best"
+        rows.append(("best eval", f"{result.best['eval_loss']:.4f} at step {result.best['step']}"))
+        rows.append(("best saved in", str(where)))
+    return rows
+
+
 def _print_summary(result: Any) -> None:
     """The short table that ends a run (rank 0)."""
     eff = result.efficiency
@@ -342,6 +396,8 @@ def _print_summary(result: Any) -> None:
         ("over-budget samples skipped", _skipped_text(result)),
         ("length mismatches vs index", f"{result.length_mismatches}"),
         *_source_rows(result),
+        *_channel_rows(result),
+        *_eval_rows(result),
         ("output", str(result.output)),
     ]
     width = max(len(k) for k, _ in rows)

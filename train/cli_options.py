@@ -65,6 +65,13 @@ SETUP = (
         is_flag=True,
         help="Gradient checkpointing: recompute activations in backward to save memory.",
     ),
+    click.option(
+        "--chunked-loss/--no-chunked-loss",
+        default=True,
+        show_default=True,
+        help="Compute the loss from the last hidden states in chunks of label tokens, never "
+        "holding the fp32 [tokens, vocab] logits; --no-chunked-loss: the plain logits loss.",
+    ),
 )
 """What is trained and how activations are kept: ``run``, ``plan`` and ``probe`` alike."""
 

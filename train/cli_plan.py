@@ -134,7 +134,7 @@ def probe_command(shards: tuple[Any, ...], model: str, save: Path, **setup: Any)
         raise click.UsageError(
             "probe drives the native 4.6 family; plan the 2.6 family from its config"
         )
-    adapter = adapter_for(indexes[0].params["profile"], bundle.tokenizer)
+    adapter = adapter_for(indexes[0].params["profile"], bundle.tokenizer, config.chunked_loss)
     record = probe_setup(
         bundle.model.config,
         model,
@@ -143,6 +143,7 @@ def probe_command(shards: tuple[Any, ...], model: str, save: Path, **setup: Any)
         config.lora_rank,
         config.freeze_vision,
         config.grad_ckpt,
+        chunked_loss=config.chunked_loss,
     )
     try:
         fit = run_probe(

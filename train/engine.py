@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -88,6 +89,11 @@ def init_process_group(info: DistInfo, use_deepspeed: bool, timeout_minutes: flo
     if use_deepspeed:
         import deepspeed
 
+        # DeepSpeed's ZeRO calls torch's deprecated all_gather_into_tensor every step: one
+        # FutureWarning per rank that the user can do nothing about
+        warnings.filterwarnings(
+            "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+        )
         skip_cpu_shm_op_build()
         deepspeed.init_distributed(dist_backend=info.backend, timeout=timeout)
     elif info.world_size > 1:

@@ -4,8 +4,8 @@
   inside backward of every weighted micro-batch whose padded token count exceeds ``T``;
   ``oom-forward-rank1:T`` / ``oom-backward-rank1:T`` on rank 1 only.
 * ``kill-after-step:K`` -- every rank SIGKILLs itself right after optimizer step ``K``.
-* ``slow-recount:S`` -- rank 0 sleeps ``S`` seconds after recounting lengths, before the
-  barrier the other ranks wait in.
+* ``slow-recount:S`` -- rank 0 sleeps ``S`` seconds after recounting its share of the
+  lengths, before the all-gather of the counts the other ranks wait in.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ ranks of the same command, watches them, and reports how the run ended, once.
 The ranks get what ``torchrun`` would give them on one node (``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``), one intra-op thread
 and the CUDA allocator default, and die with the launcher (Linux parent-death signal: a
-``kill -9`` of the launcher leaves no rank training on as an orphan). A SIGTERM or Ctrl-C of
+``kill -9`` of the launcher leaves no rank training on as an orphan; ranks of any launcher,
+``torchrun`` too, also watch their parent pid: :func:`watch_parent`). A SIGTERM or Ctrl-C of
 the launcher is passed on to the ranks.
 
 When a rank fails, the others get :data:`GRACE_S` seconds to end by themselves (a failure
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,9 +64,9 @@ def launch(nproc: int, argv: list[str]) -> int:
             )
             for rank in range(nproc)
         ]
-        codes, ended_by_us = _watch(ranks)
+        codes, ended_by_us, ended_at = _watch(ranks)
         failures = _read_failures(Path(errors))
-    return _report(codes, ended_by_us, failures)
+    return _report(codes, ended_by_us, failures, ended_at)
 
 
 def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -96,11 +98,12 @@ def rank_env(
     }
 
 
-def _watch(ranks: list[subprocess.Popen[Any]]) -> tuple[list[int], set[int]]:
-    """Wait for every rank; end the rest once one fails. The exit codes, and the ranks this
-    launcher ended."""
+def _watch(ranks: list[subprocess.Popen[Any]]) -> tuple[list[int], set[int], list[float]]:
+    """Wait for every rank; end the rest once one fails. The exit codes, the ranks this
+    launcher ended, and when each rank was seen to end (``time.time()``)."""
     failed_at: float | None = None
     ended: set[int] = set()
+    ended_at: list[float | None] = [None] * len(ranks)
     term_at: float | None = None
     stop = False
 
@@ -112,8 +115,15 @@ def _watch(ranks: list[subprocess.Popen[Any]]) -> tuple[list[int], set[int]]:
     try:
         while True:
             codes = [r.poll() for r in ranks]
+            for i, code in enumerate(codes):
+                if code is not None and ended_at[i] is None:
+                    ended_at[i] = time.time()
             if all(c is not None for c in codes):
-                return [int(c) for c in codes if c is not None], ended
+                return (
+                    [int(c) for c in codes if c is not None],
+                    ended,
+                    [t for t in ended_at if t is not None],
+                )
             now = time.monotonic()
             if failed_at is None and (stop or any(c not in (None, 0) for c in codes)):
                 failed_at = now if not stop else now - GRACE_S
@@ -144,19 +154,26 @@ def _read_failures(folder: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _report(codes: list[int], ended_by_us: set[int], failures: dict[int, dict[str, Any]]) -> int:
-    """Print how the run ended (nothing when it succeeded); the launcher's exit code."""
+def _report(
+    codes: list[int],
+    ended_by_us: set[int],
+    failures: dict[int, dict[str, Any]],
+    ended_at: list[float] | None = None,
+) -> int:
+    """Print how the run ended (nothing when it succeeded); the launcher's exit code.
+
+    The cause: every expected failure (one line each, once); else a rank killed by a signal
+    from outside (not by this launcher); else the earliest bug (with its traceback); else a
+    rank that exited non-zero without a word. What other ranks hit after the cause (a peer
+    gone) is not shown (``--debug`` shows every traceback)."""
     if all(code == 0 for code in codes):
         return 0
     debug = debug_enabled()
-    expected = [(r, f) for r, f in sorted(failures.items()) if f["expected"]]
-    unexpected = sorted(
-        ((r, f) for r, f in failures.items() if not f["expected"]), key=lambda rf: rf[1]["time"]
-    )
     if debug:
         for rank, failure in sorted(failures.items()):
             if failure["traceback"]:
                 print(f"--- rank {rank} ---\n{failure['traceback']}", file=sys.stderr, end="")
+    expected = [(r, f) for r, f in sorted(failures.items()) if f["expected"]]
     if expected:
         messages = list(dict.fromkeys(f["message"] for _, f in expected))
         for message in messages:
@@ -164,22 +181,30 @@ def _report(codes: list[int], ended_by_us: set[int], failures: dict[int, dict[st
             where = "" if len(messages) == 1 else f"rank {ranks[0]}: "
             print_failure(PROG, Failure(where + message, 1, expected=True))
         return int(expected[0][1]["code"]) or 1
-    if unexpected:
-        rank, failure = unexpected[0]
-        print_failure(
-            PROG,
-            Failure(
-                f"rank {rank}: {failure['message']}",
-                int(failure["code"]) or 1,
-                expected=False,
-                traceback="" if debug else failure["traceback"],
-            ),
-        )
-        return int(failure["code"]) or 1
-    dead = [(r, c) for r, c in enumerate(codes) if c != 0 and r not in ended_by_us]
-    rank, code = dead[0] if dead else next((r, c) for r, c in enumerate(codes) if c != 0)
-    print_failure(PROG, Failure(f"rank {rank} {_describe_exit(code)}", 1, expected=False))
-    return 128 - code if code < 0 else code
+    times = ended_at or [0.0] * len(codes)
+    causes: list[tuple[int, float, int, Failure, int]] = []  # (priority, time, rank, ...)
+    for rank, code in enumerate(codes):
+        if code != 0 and rank not in failures and rank not in ended_by_us:
+            exit_code = 128 - code if code < 0 else code
+            message = f"rank {rank} {_describe_exit(code)}"
+            # a rank killed from outside (OOM killer, kill -9) is the cause of what the
+            # others hit next (a peer gone), even when they report it within the same poll
+            priority = 0 if code < 0 else 2
+            causes.append(
+                (priority, times[rank], rank, Failure(message, exit_code, False), exit_code)
+            )
+    for rank, failure in failures.items():
+        code = int(failure["code"]) or 1
+        tb = "" if debug else failure["traceback"]
+        message = f"rank {rank}: {failure['message']}"
+        causes.append((1, failure["time"], rank, Failure(message, code, False, tb), code))
+    if not causes:  # only ranks this launcher ended: say so rather than nothing
+        rank = next(r for r, c in enumerate(codes) if c != 0)
+        failure = Failure(f"rank {rank} {_describe_exit(codes[rank])}", 1, False)
+        causes.append((3, 0.0, rank, failure, 1))
+    _, _, _, failure, code = min(causes, key=lambda c: (c[0], c[1], c[2]))
+    print_failure(PROG, failure)
+    return code
 
 
 def _describe_exit(code: int) -> str:
@@ -211,6 +236,21 @@ def report_failure(prog: str, failure: Failure) -> None:
             f"rank {rank}: {failure.message}", failure.code, failure.expected, failure.traceback
         )
     print_failure(prog, failure)
+
+
+def watch_parent(interval_s: float = 1.0) -> None:
+    """End this rank (SIGKILL) within ``interval_s`` of its parent's death, whatever started
+    it: ``torchrun`` starts ranks in sessions of their own, so a ``kill -9`` of torchrun would
+    leave them training as orphans. A daemon thread compares the parent pid with the first."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="mvtrain-watch-parent", daemon=True).start()
 
 
 def exit_now(message: str, code: int) -> None:

@@ -4,7 +4,9 @@ Read it top to bottom: :func:`run` calls :func:`mvtrain.session.setup` (process 
 model, exact lengths, the epochs' plans, engine, resume, ``run.json``), then
 :func:`_train_steps`, whose :func:`_train_step` runs one optimizer step over ``grad_accum``
 planned micro-batches (:class:`mvtrain.step.WindowRunner`), reports it and checkpoints when
-due, then :func:`_finish` (last checkpoint, digests, export).
+due, then :func:`_finish` (last checkpoint, digests, export). With ``--eval-shards`` an
+evaluation (:mod:`mvtrain.evaluation`) runs at step 0, after every ``--eval-every`` steps and
+after the last step; it leaves training as it was (RNG, train mode, loader, budgets).
 
 The loss of a step is the sum of token losses over its micro-batches on every rank divided
 by the global count of label tokens (all ranks, the whole window) -- not a mean of per-batch
@@ -35,6 +37,7 @@ from mvtrain.distributed import (
     all_reduce_sum,
     barrier,
 )
+from mvtrain.evaluation import EvalResult, Evaluator, setup_eval
 from mvtrain.metrics import BatchLog, Efficiency, StepReporter
 from mvtrain.oom import RESTART_FILE
 from mvtrain.run_config import RunConfig
@@ -65,6 +68,10 @@ class RunResult:
     """Per loss group: token losses summed over the steps this process ran (all ranks)."""
     group_labels: dict[str, int] = field(default_factory=dict)
     """Per loss group: label tokens over the steps this process ran (all ranks)."""
+    evals: list[EvalResult] = field(default_factory=list)
+    """Every evaluation this process ran (``--eval-shards``), in order."""
+    best: dict[str, Any] | None = None
+    """``--save-best``: the step and eval loss ``OUT/best/`` holds."""
 
     @property
     def loss_by_source(self) -> dict[str, float]:
@@ -90,11 +97,20 @@ def run(config: RunConfig) -> RunResult:
         progress=config.progress,
         tensorboard=config.tensorboard,
     )
+    evaluator: Evaluator | None = None
     try:
-        _train_steps(session, reporter, result)
+        evaluator = setup_eval(session)
+        if evaluator is not None and session.state.step == 0:
+            reporter.eval_done(0, evaluator.run(0).record())
+        _train_steps(session, reporter, result, evaluator)
         _finish(session)
     finally:
         reporter.close()
+    if evaluator is not None:
+        result.evals = evaluator.results
+        keeper = evaluator.best
+        if keeper is not None and keeper.step is not None:
+            result.best = {"step": keeper.step, "eval_loss": keeper.loss}
     result.steps_done = session.state.step
     result.efficiency = reporter.efficiency.report()
     return result
@@ -119,7 +135,9 @@ def _report_skipped(session: Session, result: RunResult) -> None:
 # --- training steps ----------------------------------------------------------------------
 
 
-def _train_steps(session: Session, reporter: StepReporter, result: RunResult) -> None:
+def _train_steps(
+    session: Session, reporter: StepReporter, result: RunResult, evaluator: Evaluator | None
+) -> None:
     """Optimizer steps from ``session.state.step`` to the end of the last planned epoch."""
     config, state = session.config, session.state
     runner = _window_runner(session, reporter.batch_log)
@@ -129,7 +147,7 @@ def _train_steps(session: Session, reporter: StepReporter, result: RunResult) ->
         stream = _micro_batches(session, epoch, in_epoch)
         for _ in range(in_epoch, session.epochs.steps[epoch]):
             window = [next(stream) for _ in range(config.grad_accum)]
-            _train_step(session, runner, reporter, result, window, epoch)
+            _train_step(session, runner, reporter, result, window, epoch, evaluator)
 
 
 def _window_runner(session: Session, batch_log: BatchLog) -> WindowRunner:
@@ -170,8 +188,10 @@ def _train_step(
     result: RunResult,
     window: list[MicroBatch],
     epoch: int,
+    evaluator: Evaluator | None = None,
 ) -> None:
-    """One optimizer step on ``window``, then its metrics, a checkpoint when due, faults."""
+    """One optimizer step on ``window``, then an eval when due, its metrics (the eval's in
+    the same row), a checkpoint when due, faults."""
     state, engine, info = session.state, session.engine, session.info
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -197,7 +217,11 @@ def _train_step(
         result.length_mismatches += len(batch.length_mismatches)
     if loss is not None:
         result.losses[state.step] = loss
-    reporter.step_done(state.step, epoch, loss, tokens, elapsed, lr, by_source)
+    memory = reporter.peak_memory()  # the step's, before an eval's forwards
+    evaluation = None
+    if evaluator is not None and evaluator.due(state.step, sum(session.epochs.steps)):
+        evaluation = evaluator.run(state.step).record()
+    reporter.step_done(state.step, epoch, loss, tokens, elapsed, lr, by_source, evaluation, memory)
     every = session.config.save_every
     if engine is not None and every and state.step % every == 0:
         save_checkpoint(session.output, engine, state, info)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mvtrain.batching.sources import split_group_losses
 from mvtrain.data.loader import MicroBatch
 
 
@@ -158,10 +159,17 @@ class StepReporter:
         elapsed: float,
         lr: float | None,
         loss_by_source: dict[str, float] | None = None,
+        evaluation: dict[str, Any] | None = None,
+        memory: dict[str, int] | None = None,
     ) -> None:
         """One ``metrics.jsonl`` row (rank 0): ``loss_by_source`` is each loss group's
         token-weighted mean loss over the step's window on all ranks (groups without label
-        tokens in it left out)."""
+        tokens in it left out), written as ``loss_by_channel`` (the channels) and
+        ``loss_by_source`` (folders, for samples without a channel), and to TensorBoard as
+        ``loss/GROUP`` (:func:`mvtrain.batching.sources.split_group_losses`);
+        ``evaluation``: the fields of an eval run after this step
+        (:meth:`mvtrain.evaluation.EvalResult.record`), in the same row; ``memory``: the
+        step's peaks taken before that eval (:meth:`peak_memory`; None: read now)."""
         record: dict[str, Any] = {
             "step": step,
             "epoch": epoch,
@@ -170,23 +178,43 @@ class StepReporter:
         }
         if loss is not None:
             record["loss"] = loss
-        if loss_by_source:
-            record["loss_by_source"] = loss_by_source
+        record.update(split_group_losses(loss_by_source or {}))
         if lr is not None:
             record["lr"] = lr
-        if torch.cuda.is_available():
-            record["max_memory_allocated"] = torch.cuda.max_memory_allocated()
-            record["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+        record.update(self.peak_memory() if memory is None else memory)
+        record.update(evaluation or {})
         if self.is_main:
-            with open(self.metrics_file, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            scalars = {k: v for k, v in record.items() if isinstance(v, float)}
-            scalars.update({f"loss/{k}": v for k, v in (loss_by_source or {}).items()})
-            self.scalars.log(step, scalars)
+            self._write(step, record)
+            self.scalars.log(step, {f"loss/{k}": v for k, v in (loss_by_source or {}).items()})
             self.bar.set_postfix_str(
                 f"loss {loss:.4f}" if loss is not None else "dry run", refresh=False
             )
         self.bar.update(1)
+
+    @staticmethod
+    def peak_memory() -> dict[str, int]:
+        """The CUDA memory peaks since the step began (nothing on CPU)."""
+        if not torch.cuda.is_available():
+            return {}
+        return {
+            "max_memory_allocated": torch.cuda.max_memory_allocated(),
+            "max_memory_reserved": torch.cuda.max_memory_reserved(),
+        }
+
+    def eval_done(self, step: int, evaluation: dict[str, Any]) -> None:
+        """A ``metrics.jsonl`` row of an eval alone (step 0, before any training step)."""
+        if self.is_main:
+            self._write(step, {"step": step, **evaluation})
+
+    def _write(self, step: int, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` and its numbers to TensorBoard: every float
+        field, and each group's eval loss as ``eval_loss/GROUP``."""
+        with open(self.metrics_file, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        by_group = record.get("eval_loss_by_channel") or {}
+        scalars.update({f"eval_loss/{k}": v for k, v in by_group.items()})
+        self.scalars.log(step, scalars)
 
     def close(self) -> None:
         self.bar.close()

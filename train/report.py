@@ -1,6 +1,8 @@
 """``mvtrain report``: one PNG of a run, from ``OUT/metrics.jsonl`` and ``OUT/run.json``.
 
-Panels (x = optimizer step): loss; learning rate; tokens/s; token and patch efficiency
+Panels (x = optimizer step): loss, with the eval loss (``--eval-shards``: at step 0, every
+``--eval-every`` steps and at the end) when logged; loss per group (each channel or source's
+training loss, and its eval loss dashed); learning rate; tokens/s; token and patch efficiency
 (real / padded, running over the run); token and patch budget utilisation (padded cost per
 micro-batch / budget, running) against the budget line at 1.0; and peak GPU memory per step
 (``torch.cuda.max_memory_allocated`` and, when logged, ``max_memory_reserved`` -- what an
@@ -9,7 +11,8 @@ The planned line is ``memory_budget`` when given, else the first of
 :data:`PLANNED_MEMORY_KEYS` found in ``run.json`` (top level or under ``"memory"``); a CPU
 run says so in that panel instead.
 
-A resumed run appends the steps it re-ran: the last record of a step wins. Rendered with
+A step's eval is in its record (step 0: an eval alone). A resumed run appends the steps it
+re-ran: the last record of a step wins. Rendered with
 matplotlib's Agg canvas at a fixed size: :data:`FIGSIZE` inches x :data:`DPI`.
 """
 
@@ -24,6 +27,10 @@ from mvshards.units import GiB as GIB
 from mvshards.units import parse_bytes as parse_bytes  # re-exported (tests import it here)
 
 FIGSIZE = (15.0, 8.0)
+TRAIN_GROUP_KEYS = ("loss_by_source", "loss_by_channel")
+"""Where a training record holds each loss group's loss."""
+EVAL_GROUP_KEY = "eval_loss_by_channel"
+"""Where a record with an eval holds each group's eval loss."""
 DPI = 100
 PLANNED_MEMORY_KEYS = ("predicted_peak_bytes", "memory_budget_bytes", "gpu_mem_bytes")
 """Where a planned per-GPU memory figure may sit in ``run.json`` (bytes)."""
@@ -94,7 +101,9 @@ def _panel(
     lines: list[tuple[str, list[Any]]],
     title: str,
     empty: str = "not logged",
+    styles: dict[str, dict[str, Any]] | None = None,
 ) -> bool:
+    """Draw each ``(label, values per step)`` (``styles[label]``: extra ``plot`` arguments)."""
     from matplotlib.ticker import MaxNLocator
 
     drawn = False
@@ -102,7 +111,9 @@ def _panel(
         pts = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o" if len(pts) <= 50 else None, markersize=3, label=label)
+            style = {"marker": "o" if len(pts) <= 50 else None, "markersize": 3}
+            style.update((styles or {}).get(label, {}))
+            ax.plot(xs, ys, label=label, **style)
             drawn = True
     ax.set_title(title)
     ax.set_xlabel("step")
@@ -132,6 +143,7 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
     steps = [int(r["step"]) for r in records]
     names = (
         "loss",
+        "eval_loss",
         "lr",
         "tokens_per_s",
         "token_efficiency",
@@ -142,6 +154,7 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
         "max_memory_reserved",
     )
     series = {n: [r.get(n) for r in records] for n in names}
+    series.update(group_series(records))
     report = RunReport(
         png=Path(png) if png is not None else out / "report.png",
         steps=steps,
@@ -152,10 +165,11 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
     )
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    _draw_panels(fig.subplots(2, 3), report, memory_budget)
+    _draw_panels(fig.subplots(2, 4), report, memory_budget)
     engine = run.get("engine", "?")
+    trained = sum(v is not None for v in series["tokens_per_s"])  # step 0: an eval alone
     fig.suptitle(
-        f"{out}: {len(steps)} steps, engine {engine}, world size {run.get('world_size', '?')}, "
+        f"{out}: {trained} steps, engine {engine}, world size {run.get('world_size', '?')}, "
         f"token budget {report.token_budget}, patch budget {report.patch_budget}"
     )
     report.png.parent.mkdir(parents=True, exist_ok=True)
@@ -163,13 +177,64 @@ def write_report(out: Path, png: Path | None = None, memory_budget: int | None =
     return report
 
 
+def group_series(records: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per loss group, its training loss per step as ``loss/GROUP`` and its eval loss as
+    ``eval_loss/GROUP`` (None where a step lacks it), groups in first-seen order."""
+    found: dict[str, None] = {}
+    for record in records:
+        for key in (*TRAIN_GROUP_KEYS, EVAL_GROUP_KEY):
+            prefix = "eval_loss" if key == EVAL_GROUP_KEY else "loss"
+            for group in record.get(key) or {}:
+                found[f"{prefix}/{group}"] = None
+    out: dict[str, list[float | None]] = {}
+    for name in found:
+        prefix, group = name.split("/", 1)
+        keys = (EVAL_GROUP_KEY,) if prefix == "eval_loss" else TRAIN_GROUP_KEYS
+        out[name] = [
+            next((r[k][group] for k in keys if group in (r.get(k) or {})), None) for r in records
+        ]
+    return out
+
+
+def _group_lines(series: dict[str, list[Any]]) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """The per-group panel's lines: each group's training loss, its eval loss dashed in the
+    same colour."""
+    from matplotlib import rcParams
+
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = list(dict.fromkeys(n.split("/", 1)[1] for n in series if "/" in n))
+    lines: list[Any] = []
+    styles: dict[str, dict[str, Any]] = {}
+    for i, group in enumerate(groups):
+        colour = colours[i % len(colours)]
+        for prefix, label, dash in (
+            ("loss", f"train {group}", "-"),
+            ("eval_loss", f"eval {group}", "--"),
+        ):
+            if f"{prefix}/{group}" in series:
+                lines.append((label, series[f"{prefix}/{group}"]))
+                styles[label] = {"color": colour, "linestyle": dash}
+    return lines, styles
+
+
 def _draw_panels(axes: Any, report: RunReport, memory_budget: int | None) -> None:
-    """The six panels: loss, lr, tokens/s, efficiency, budget use, GPU memory."""
+    """The panels: loss (and eval loss), loss per group, lr, tokens/s, efficiency, budget
+    use, GPU memory."""
     steps, series = report.steps, report.series
+    group_lines, group_styles = _group_lines(series)
+    if _panel(
+        axes[0, 1],
+        steps,
+        group_lines,
+        "loss per group (eval dashed)",
+        "no per-group loss logged",
+        group_styles,
+    ):
+        report.panels.append("loss per group (eval dashed)")
     plain = [
-        (axes[0, 0], [("loss", series["loss"])], "loss"),
-        (axes[0, 1], [("lr", series["lr"])], "learning rate"),
-        (axes[0, 2], [("tokens/s", series["tokens_per_s"])], "real tokens / s (all ranks)"),
+        (axes[0, 0], [("train", series["loss"]), ("eval", series["eval_loss"])], "loss"),
+        (axes[0, 2], [("lr", series["lr"])], "learning rate"),
+        (axes[0, 3], [("tokens/s", series["tokens_per_s"])], "real tokens / s (all ranks)"),
         (
             axes[1, 0],
             [("token", series["token_efficiency"]), ("patch", series["patch_efficiency"])],
@@ -195,6 +260,7 @@ def _draw_panels(axes: Any, report: RunReport, memory_budget: int | None) -> Non
         ("reserved", series["max_memory_reserved"]),
     ]
     _memory_panel(axes[1, 2], steps, peaks, memory_budget, report)
+    axes[1, 3].axis("off")
 
 
 def _memory_panel(
@@ -227,9 +293,23 @@ def format_report(report: RunReport) -> str:
 
     losses = [v for v in report.series["loss"] if v is not None]
     speeds = [v for v in report.series["tokens_per_s"] if v is not None]
-    parts = [f"steps {len(report.steps)}"]
+    trained = [
+        s for s, v in zip(report.steps, report.series["tokens_per_s"], strict=True) if v is not None
+    ]
+    parts = [f"steps {len(trained)}"]
     if losses:
         parts.append(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    evals = [
+        (s, v)
+        for s, v in zip(report.steps, report.series["eval_loss"], strict=True)
+        if v is not None
+    ]
+    if evals:
+        best = min(evals, key=lambda e: e[1])
+        parts.append(
+            f"eval loss {evals[0][1]:.4f} -> {evals[-1][1]:.4f} (best {best[1]:.4f} at step "
+            f"{best[0]})"
+        )
     if speeds:
         parts.append(f"tokens/s mean {sum(speeds) / len(speeds):,.0f}")
     for name in ("token_efficiency", "patch_efficiency"):

@@ -44,6 +44,9 @@ class RunConfig:
     lora_rank: int = 8
     freeze_vision: bool = False
     grad_ckpt: bool = False
+    chunked_loss: bool = True
+    """The loss from the hidden states in chunks (:mod:`mvtrain.model.chunked_loss`); False:
+    the plain logits loss (``--no-chunked-loss``)."""
     dtype: str = "auto"
     """Training precision, one of :data:`mvtrain.precision.DTYPES`; ``auto``: bf16 where
     CUDA supports it, else fp32."""
@@ -68,6 +71,15 @@ class RunConfig:
     export: bool = True
     dist_timeout_minutes: float = 60.0
     """How long a collective waits for the other ranks before failing."""
+    eval_shards: Any = ()
+    """``--eval-shards``: held-out shard folders (a folder or a list); empty: no eval. See
+    :mod:`mvtrain.evaluation`."""
+    eval_every: int | None = None
+    """Evaluate every N optimizer steps (besides step 0 and the end); None: only those."""
+    eval_max_samples: int | None = None
+    """Evaluate the first M eval samples (dataset order) only; None: all of them."""
+    save_best: bool = False
+    """Keep the checkpoint and export of the lowest eval loss in ``OUT/best/``."""
 
     @property
     def epoch_limit(self) -> int:
@@ -122,3 +134,22 @@ class RunConfig:
                     f"{source.path} has no manifest.json: build it with `mvprep build ... "
                     f"--out {source.path}` (or finish that build by re-running it)"
                 )
+        self._validate_eval()
+
+    def _validate_eval(self) -> None:
+        """The ``--eval-*`` options: positive counts, ``--save-best`` and ``--eval-every``
+        need ``--eval-shards``, each eval folder holds a build."""
+        for name, value in (
+            ("--eval-every", self.eval_every),
+            ("--eval-max-samples", self.eval_max_samples),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.eval_shards:
+            for name, given in (("--save-best", self.save_best), ("--eval-every", self.eval_every)):
+                if given:
+                    raise ValueError(f"{name} needs --eval-shards DIR (the held-out shards)")
+            return
+        from mvtrain.evaluation import check_eval_shards
+
+        check_eval_shards(self.shards, self.eval_shards)

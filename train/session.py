@@ -2,16 +2,18 @@
 
 :func:`setup` checks the output folder (a previous run there needs ``--resume`` or
 ``--overwrite``), starts the process group, loads the model (refusing shards of another
-family), fills ``auto`` budgets from the memory plan, counts exact token lengths (rank 0,
-cached, per ``--shards`` folder), mixes the folders (:mod:`mvtrain.batching.sources`), plans
-the epochs, builds the engine, resumes from the newest checkpoint (keeping its
-learning-rate schedule unless ``--schedule-change``) and writes ``run.json``.
+family), fills ``auto`` budgets from the memory plan, counts exact token lengths (each
+rank its share, all-gathered, cached, per ``--shards`` folder), mixes the folders
+(:mod:`mvtrain.batching.sources`), plans the epochs, builds the engine, resumes from the
+newest checkpoint (keeping its learning-rate schedule unless ``--schedule-change``) and
+writes ``run.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from mvtrain.batching.epochs import EpochPlans, plan_epochs
 from mvtrain.batching.plan_index import PlanIndex
 from mvtrain.batching.sources import SourceMix, check_compatible, parse_sources
 from mvtrain.checkpoint import TrainState, load_checkpoint
-from mvtrain.data.lengths import exact_lengths
+from mvtrain.data.lengths import exact_lengths, gather_counts
 from mvtrain.data.loader import default_loader_workers
 from mvtrain.deepspeed_config import load_user_config
 from mvtrain.distributed import DistInfo, barrier, device_for, dist_info, ensure_alloc_conf
@@ -42,7 +44,12 @@ from mvtrain.model.adapters import Adapter, adapter_for
 from mvtrain.model.setup import build_model, load_tokenizer_only, parameter_counts
 from mvtrain.precision import Precision, engine_precision
 from mvtrain.run_config import RunConfig
-from mvtrain.run_folder import check_output, clear_run_files, resume_checkpoint
+from mvtrain.run_folder import (
+    check_output,
+    clear_run_files,
+    resume_checkpoint,
+    take_run_lock,
+)
 
 log = logging.getLogger("mvtrain")
 
@@ -79,6 +86,8 @@ def setup(config: RunConfig) -> Session:
     if use_ds and not deepspeed_available():
         raise RuntimeError("DeepSpeed is not installed: pip install 'mvkit[train]' or drop --zero")
     precision = engine_precision(config.dtype, use_ds)
+    if os.environ.get("RANK", "0") == "0":  # after the checks, before anything is written
+        take_run_lock(Path(config.output))
     if not config.dry_run:
         init_process_group(info, use_ds, config.dist_timeout_minutes)
     elif info.world_size > 1:
@@ -111,7 +120,7 @@ def setup(config: RunConfig) -> Session:
         faults=faults,
         tokenizer=tokenizer,
         profile=profile,
-        adapter=adapter_for(profile, tokenizer),
+        adapter=adapter_for(profile, tokenizer, config.chunked_loss),
         epochs=epochs,
         mix=mix,
         engine=engine,
@@ -158,15 +167,19 @@ def _load_model(config: RunConfig, profile: str, precision: Precision) -> tuple[
 def _exact_lengths(
     config: RunConfig, index: Any, tokenizer: Any, profile: str, info: DistInfo, faults: Faults
 ) -> Any:
-    """Every sample's exact token count: rank 0 recounts and caches, the others then read
-    the cache."""
-    cache = Path(config.output) / "cache"
-    if info.is_main:
-        lengths = exact_lengths(index, tokenizer, profile, cache, progress=config.progress)
-        faults.after_recount()
-    barrier()
-    if not info.is_main:
-        lengths = exact_lengths(index, tokenizer, profile, cache)
+    """Every sample's exact token count: from the cache or an exact index, else every rank
+    recounts its share and the shares are all-gathered (rank 0 writes the cache)."""
+    lengths = exact_lengths(
+        index,
+        tokenizer,
+        profile,
+        Path(config.output) / "cache",
+        progress=config.progress and info.is_main,
+        rank=info.rank,
+        world_size=info.world_size,
+        gather=gather_counts,
+        after_count=faults.after_recount if info.is_main else None,
+    )
     if lengths.mismatches and info.is_main:
         log.warning(
             "%d samples' exact token counts differ from the index (built with another "
@@ -309,6 +322,7 @@ def _auto_budgets(config: RunConfig, info: DistInfo, use_deepspeed: bool) -> tup
             lora_rank=config.lora_rank,
             freeze_vision=config.freeze_vision,
             grad_ckpt=config.grad_ckpt,
+            chunked_loss=config.chunked_loss,
             dtype=resolve_dtype(config.dtype),
             target=config.target,
             grad_accum=config.grad_accum,

@@ -101,6 +101,26 @@ def make_batch(
     )
 
 
+def split_batch(batch: Batch, budgets: Budgets, cost_model: CostModel | str) -> tuple[Batch, Batch]:
+    """Two micro-batches of ``batch``'s samples (it needs two or more): sorted by tokens
+    (longest first) and dealt alternately, so both parts have about the same length. Neither
+    part pads more tokens or patches than ``batch`` (padding only grows with the samples), so
+    both keep its budgets."""
+    if batch.num_samples < 2:
+        raise ValueError(f"a micro-batch of {batch.num_samples} sample cannot be split")
+    order = sorted(
+        range(batch.num_samples),
+        key=lambda i: (-batch.samples[i].tokens, -batch.samples[i].patches, i),
+    )
+    first, second = (
+        make_batch(
+            [batch.samples[i] for i in part], budgets, cost_model, batch.bucket, batch.reason
+        )
+        for part in (order[0::2], order[1::2])
+    )
+    return first, second
+
+
 class _OpenBatch:
     """A bucket's open micro-batch with its running totals (O(1) budget checks)."""
 

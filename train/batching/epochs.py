@@ -1,9 +1,10 @@
 """The run's epochs: every epoch's schedule for this rank and the step count all ranks share.
 
-Steps per epoch are equal on every rank (:func:`~mvtrain.batching.schedule.equal_step_plans`
-pads the short ranks); with ``--max-steps`` epochs are planned until the steps are reached
-and the last is cut there. With several weighted sources (:class:`SourceMix`) each epoch
-plans its own sample set (:meth:`SourceMix.epoch_index`), so steps may differ per epoch.
+Steps per epoch are equal on every rank: the epoch's micro-batches are planned once and
+dealt to (step, rank) slots (:func:`~mvtrain.batching.schedule.all_rank_plans`); with
+``--max-steps`` epochs are planned until the steps are reached and the last is cut there.
+With several weighted sources (:class:`SourceMix`) each epoch plans its own sample set
+(:meth:`SourceMix.epoch_index`), so steps may differ per epoch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class EpochPlans:
     plans: dict[int, RankPlan]
     report: dict[int, dict[str, Any]]
     skipped: dict[int, list[Oversize]] = field(default_factory=dict)
-    """Per epoch, every rank's samples over a budget on their own (never trained)."""
+    """Per epoch, the samples over a budget on their own (never trained)."""
     mix: SourceMix | None = None
     """The sources the epochs were planned from (None: a bare plan index)."""
 
@@ -87,6 +88,7 @@ def plan_epochs(
             budgets,
             cost_model,
             shuffle_buffer=config.shuffle_buffer,
+            grad_accum=config.grad_accum,
         )
         n, padded = equal_step_plans(rank_plans, config.grad_accum)
         if n == 0:  # every epoch plans the same samples (or draws) under the same budgets

@@ -13,13 +13,18 @@
   ``round(w * n)`` samples (rounded half up): ``floor(w)`` full copies plus a subset of the
   remainder drawn by ``(seed, epoch, source)``. The epoch's samples form *virtual shards*
   (one per copy of each real shard, the drawn subset kept in its real shard's slot), which
-  the usual planner (:mod:`mvtrain.batching.schedule`) shuffles and splits over ranks. So an
+  the usual planner (:mod:`mvtrain.batching.schedule`) shuffles, batches and deals to ranks. So an
   epoch is a pure function of (indexes, weights, seed, epoch, world size) and ``--resume``
   stays exact. One source of weight 1 plans exactly as a plain index does.
-* **Loss groups.** Every sample carries a label (:func:`sample_group`): its source's name
-  today, refined by a per-sample ``channel`` when the shards carry one. The label set is
-  fixed at setup (:attr:`SourceMix.groups`), so the per-group loss sums of a step ride in
-  the step's one all-gather.
+* **Loss groups.** Every sample carries one label (:func:`sample_group`): its channel
+  (``mvprep build`` keeps a record's ``channel``/``source``/``dataset`` field, or
+  ``--channel``, in the index) when it has one, else its source's name. So a channel spans
+  every folder that has it, and each sample's loss counts in exactly one group. Channel
+  labels are :class:`ChannelGroup` strings, so reports tell them from folder names
+  (:func:`split_group_losses`: ``loss_by_channel`` and ``loss_by_source``); a channel
+  spelled like a folder name shares that folder's group. The label set is fixed at setup
+  (:attr:`SourceMix.groups`), so the per-group loss sums of a step ride in the step's one
+  all-gather.
 
 Pure Python + numpy; no torch.
 """
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,9 +151,27 @@ def check_compatible(folders: Sequence[Path], params: Sequence[dict[str, Any]]) 
             )
 
 
+class ChannelGroup(str):
+    """A loss-group label that is a channel (a plain ``str`` label is a source's name)."""
+
+    __slots__ = ()
+
+
 def sample_group(source: str, channel: str | None = None) -> str:
-    """A sample's loss-group label: its source's name, ``NAME/CHANNEL`` with a channel."""
-    return f"{source}/{channel}" if channel else source
+    """A sample's loss-group label: its channel (a :class:`ChannelGroup`) when it has one,
+    else its source's name."""
+    return ChannelGroup(channel) if channel else source
+
+
+def split_group_losses(by_group: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Per-group losses as ``metrics.jsonl`` keys them: ``loss_by_source`` for the groups that
+    are folder names (samples without a channel), ``loss_by_channel`` for the channels; a key
+    with no group is left out (a run without channels has ``loss_by_source`` alone)."""
+    out: dict[str, dict[str, float]] = {}
+    for group, loss in by_group.items():
+        key = "loss_by_channel" if isinstance(group, ChannelGroup) else "loss_by_source"
+        out.setdefault(key, {})[str(group)] = loss
+    return out
 
 
 def concat_indexes(parts: Sequence[PlanIndex], names: Sequence[str]) -> PlanIndex:
@@ -188,6 +211,8 @@ class SampleLocator:
     shard_ids: np.ndarray
     keys: np.ndarray
     sources: np.ndarray
+    channels: np.ndarray | None = None
+    """Per row its channel (``""``: none); None when no sample has one."""
 
     @classmethod
     def of_index(cls, index: DatasetIndex, name: str = "") -> SampleLocator:
@@ -200,7 +225,21 @@ class SampleLocator:
             np.asarray(index.shard_ids, dtype=np.int64),
             keys,
             np.zeros(len(keys), dtype=np.int64),
+            index.channels,
         )
+
+    def channel_of(self, uid: str) -> str | None:
+        """The channel of sample id ``uid``, None when it has none."""
+        if self.channels is None:
+            return None
+        row = self.rows.get(uid)
+        if row is None:
+            raise KeyError(f"sample {uid} is in no --shards folder of this run")
+        return str(self.channels[row]) or None
+
+    def group_of(self, uid: str) -> str:
+        """The loss-group label of sample id ``uid`` (:func:`sample_group`)."""
+        return sample_group(self.source_of(uid), self.channel_of(uid))
 
     def locate(self, uid: str) -> tuple[int, str, str]:
         """``(shard position, key in its folder, source name)`` of sample id ``uid``."""
@@ -231,8 +270,22 @@ class SourceMix:
 
     @property
     def groups(self) -> tuple[str, ...]:
-        """The loss-group labels a sample of this run can carry."""
-        return self.names
+        """The loss-group labels a sample of this run can carry: the name of every source
+        with a sample without a channel (or with no sample), in source order, then every
+        channel (:class:`ChannelGroup`), sorted; a channel spelled like a source's name is
+        that source's group."""
+        channels = self.locator.channels
+        if channels is None:
+            return self.names
+        groups: list[str] = []
+        for s, name in enumerate(self.names):
+            mine = channels[self.source_of == s]
+            if len(mine) == 0 or (mine == "").any():
+                groups.append(name)
+        for channel in sorted(str(c) for c in np.unique(channels) if c):
+            if channel not in groups:
+                groups.append(ChannelGroup(channel))
+        return tuple(groups)
 
     @classmethod
     def build(
@@ -245,7 +298,10 @@ class SourceMix:
         Refuses folders that cannot be mixed and weights that give a source no sample."""
         check_compatible([s.path for s in sources], [ix.params for ix in indexes])
         return cls.of_plan_indexes(
-            sources, plan_indexes, [p for ix in indexes for p in ix.shard_paths()]
+            sources,
+            plan_indexes,
+            [p for ix in indexes for p in ix.shard_paths()],
+            [ix.channels for ix in indexes],
         )
 
     @classmethod
@@ -254,9 +310,12 @@ class SourceMix:
         sources: Sequence[ShardSource],
         plan_indexes: Sequence[PlanIndex],
         shard_paths: Sequence[Path] = (),
+        channels: Sequence[np.ndarray | None] = (),
     ) -> SourceMix:
         """The mix of ``sources`` planned from ``plan_indexes`` (keys: each folder's own);
-        ``shard_paths``: every folder's shard files in turn (what the loader opens)."""
+        ``shard_paths``: every folder's shard files in turn (what the loader opens);
+        ``channels``: each folder's per-sample channels (``DatasetIndex.channels``; none
+        given: no channel)."""
         names = source_names([s.path for s in sources])
         for source, part in zip(sources, plan_indexes, strict=True):
             if len(part) and sum(epoch_share(len(part), source.weight)) == 0:
@@ -275,6 +334,7 @@ class SourceMix:
             index.shard_ids,
             np.concatenate([p.keys.astype(str) for p in plan_indexes]),
             source_of,
+            _concat_channels(channels, [len(p) for p in plan_indexes]),
         )
         return cls(tuple(sources), tuple(names), index, source_of, locator)
 
@@ -335,18 +395,39 @@ class SourceMix:
 
     def describe(self) -> list[dict[str, Any]]:
         """What ``run.json`` records per source: name, folder, weight, samples in the folder
-        and per epoch (``round(weight * samples)``)."""
+        and per epoch (``round(weight * samples)``), and the samples of each channel in the
+        folder (``"channels"``, only when some sample has one)."""
         out = []
         for s, (name, source) in enumerate(zip(self.names, self.sources, strict=True)):
             n = int((self.source_of == s).sum())
             copies, extra = epoch_share(n, source.weight)
-            out.append(
-                {
-                    "name": name,
-                    "path": str(source.path),
-                    "weight": source.weight,
-                    "samples": n,
-                    "samples_per_epoch": copies * n + extra,
-                }
-            )
+            record: dict[str, Any] = {
+                "name": name,
+                "path": str(source.path),
+                "weight": source.weight,
+                "samples": n,
+                "samples_per_epoch": copies * n + extra,
+            }
+            if self.locator.channels is not None:
+                counts = Counter(str(c) for c in self.locator.channels[self.source_of == s])
+                named = {c: counts[c] for c in sorted(counts) if c}
+                if named:
+                    record["channels"] = named
+            out.append(record)
         return out
+
+
+def _concat_channels(
+    channels: Sequence[np.ndarray | None], sizes: Sequence[int]
+) -> np.ndarray | None:
+    """Every folder's per-sample channels in turn (``""``: none); None when none has one."""
+    if not any(c is not None for c in channels):
+        return None
+    parts = [
+        np.full(n, "", dtype=str) if c is None else np.asarray(c, dtype=str)
+        for c, n in zip(list(channels) + [None] * (len(sizes) - len(channels)), sizes, strict=True)
+    ]
+    for part, n in zip(parts, sizes, strict=True):
+        if len(part) != n:
+            raise ValueError(f"{len(part)} channels for a folder of {n} samples")
+    return np.concatenate(parts)

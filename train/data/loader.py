@@ -109,8 +109,8 @@ class MicroBatch:
     samples: list[LoadedSample]
     """The loaded samples, kept so an OOM can split the micro-batch and re-collate."""
     sources: list[str] = field(default_factory=list)
-    """Per sample (row), its loss-group label: the source's name (``NAME/CHANNEL`` once
-    samples carry a channel)."""
+    """Per sample (row), its loss-group label: its channel when it has one, else its
+    source's name (:func:`mvtrain.batching.sources.sample_group`)."""
 
     def pin_memory(self) -> MicroBatch:
         """The model inputs in page-locked memory, so ``non_blocking`` copies to the GPU
@@ -161,7 +161,7 @@ class PlannedBatches(IterableDataset):
                 self.tokenizer,
                 self.profile_name,
                 uid=cost.key,
-                source=sample_group(source),
+                source=sample_group(source, self.locator.channel_of(cost.key)),
             )
             if len(loaded.tokenized) != cost.tokens:
                 mismatches.append(

@@ -27,7 +27,8 @@ class LoadedSample:
     uid: str = ""
     """The sample's id in the run (``NAME/KEY`` with several sources); empty: its key."""
     source: str = ""
-    """Its loss-group label (:func:`mvtrain.batching.sources.sample_group`)."""
+    """Its loss-group label (:func:`mvtrain.batching.sources.sample_group`): its channel
+    when it has one, else its source's name."""
 
     @property
     def id(self) -> str:

@@ -20,6 +20,13 @@ Image spans follow each family's processor; labels follow one of :data:`LABEL_RU
 family's ``label_rule`` by default: ``"official"`` for the 2.6 family, ``"mvkit"`` for 4.6).
 :func:`tokenize_sample` and :func:`_labels` give both exactly.
 
+The 4.6 family's empty reasoning block (``<think>\n\n</think>\n\n``) is in the stored
+conversation already when the shards were built with ``--think-block auto`` (the default; see
+:mod:`mvshards.think_block`), so it is rendered like any answer text; it is never labelled:
+an empty block (``<think>\\s*</think>\\s*``) at the start of any assistant answer is skipped,
+as ms-swift's ``ignore_empty_think`` loss scale does for the Cookbook's 4.6 recipe. A
+non-empty reasoning ``<think>R</think>`` written in a record is kept and trained.
+
 Assistant content is located in the rendered text exactly (a second render with markers in
 place of the assistant contents, see :func:`_assistant_ranges`); when the chat template
 rewrites it (thinking templates move ``<think>...</think>`` and strip newlines), each assistant
@@ -39,13 +46,16 @@ from mvshards.conversation import expand_placeholders, split_at_markers
 from mvshards.image_spans import image_span_text, span_tokens, subimage_query_counts
 from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
+from mvshards.think_block import empty_think_end
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
 START_OF_TURN = "<|im_start|>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 """The empty reasoning block thinking templates (MiniCPM-V 4.5, Qwen3) write before the last
-answer when it has none: template text, never labelled (the official code's ``offset = 4``)."""
+answer when it has none: template text, never labelled (the official code's ``offset = 4``).
+For a family with a ``non_thinking_prefix`` (4.6) an empty block opening *any* answer is left
+unlabelled (:func:`mvshards.think_block.empty_think_end`), as ms-swift's recipe does."""
 
 LABEL_RULES = ("mvkit", "official")
 """``"mvkit"``: every assistant turn's content and its end-of-turn token. ``"official"``: the
@@ -135,7 +145,8 @@ def tokenize_sample(
         ) from exc
     input_ids = [int(t) for t in enc["input_ids"]]
     offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-    ranges = _assistant_ranges(meta.key, tokenizer, turns, rendered)
+    every = bool(profile.family.non_thinking_prefix)  # a hybrid thinking family
+    ranges = _assistant_ranges(meta.key, tokenizer, turns, rendered, every)
     extra = eos_target_id(tokenizer) if rule == "official" else None
     labels = _labels(ranges, input_ids, offsets, end_of_turn_id(tokenizer), extra)
     expected = [n for entry in meta.images for n in subimage_query_counts(entry, profile)]
@@ -166,7 +177,11 @@ def _query_runs(input_ids: Sequence[int], query_id: int) -> list[tuple[int, int]
 
 
 def _assistant_ranges(
-    key: str, tokenizer: Any, turns: Sequence[dict[str, str]], rendered: str
+    key: str,
+    tokenizer: Any,
+    turns: Sequence[dict[str, str]],
+    rendered: str,
+    skip_every_empty_think: bool = False,
 ) -> list[tuple[int, int]]:
     """Character ranges ``[start, end)`` of every assistant turn's answer in ``rendered``.
 
@@ -178,7 +193,9 @@ def _assistant_ranges(
     from the end of its role header (``<|im_start|>assistant\n``) to its end-of-turn token,
     which is what the official code labels; without such headers, each content (or, failing
     that, the content stripped) is searched in order. In both cases an empty reasoning block
-    (:data:`EMPTY_THINK`) that opens the last answer is template text and left out.
+    (:data:`EMPTY_THINK`) that opens the last answer is template text and left out; with
+    ``skip_every_empty_think`` (a family with a ``non_thinking_prefix``), an empty block
+    ``<think>\\s*</think>\\s*`` that opens *any* answer is, as ms-swift's ``ignore_empty_think``.
     """
     assistant = [n for n, turn in enumerate(turns) if turn["role"] == "assistant"]
     markers = [f"\x00mvkit-assistant-{n}\x00" for n in assistant]
@@ -203,7 +220,9 @@ def _assistant_ranges(
         ranges = _header_regions(rendered, len(assistant))
     if ranges is None:
         ranges = _search_contents(key, turns, rendered)
-    if ranges:
+    if skip_every_empty_think:
+        ranges = [(min(empty_think_end(rendered, a), b), b) for a, b in ranges]
+    elif ranges:
         start, end = ranges[-1]
         if rendered.startswith(EMPTY_THINK, start):
             ranges[-1] = (min(start + len(EMPTY_THINK), end), end)

@@ -19,6 +19,13 @@ gradient. Gradient checkpointing (non-reentrant) keeps each checkpointed layer's
 tower's patch embedding, so under checkpointing the frozen tower's window merger keeps
 activations (and runs backward): ``vision_input_requires_grad`` defaults to ``grad_ckpt``.
 
+The loss: the chunked loss (default, :mod:`mvtrain.model.chunked_loss`) saves per label row
+the selected hidden state, the target and the selection index (``a*H + 16``) instead of the
+fp32 log-probabilities (``F*vocab + 8``), and its transients are one chunk of logits and
+their gradient plus the head weight's fp32 gradient accumulator; the plain loss
+(``chunked_loss=False``) keeps the per-row log-probabilities and, in backward, their fp32
+gradient for every row (:func:`mvtrain.memory.activations_llm.loss_terms`).
+
 The 2.6 family (Qwen2/Qwen3/Llama LLM, SigLIP with eager per-slice attention, resampler) is
 the same accounting applied to its published architecture: an ESTIMATE.
 """
@@ -28,8 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mvtrain.memory.activations_llm import text_terms
-from mvtrain.memory.activations_ops import F, Ledger, Term
+from mvtrain.memory.activations_llm import loss_transients, text_terms
+from mvtrain.memory.activations_ops import Ledger, Term
 from mvtrain.memory.activations_vision import vision26_terms, vision46_terms
 from mvtrain.memory.dims import text_dims, vision_dims
 
@@ -55,6 +62,8 @@ class TrainingSetup:
     device_type: str = "cuda"
     downsample_mode: str | None = None
     """None: the config's ("16x"); "4x" for the minicpmv-4.6-4x profile."""
+    chunked_loss: bool = True
+    """The chunked loss (default) or the plain logits loss (``--no-chunked-loss``)."""
 
     @property
     def act_bytes(self) -> int:
@@ -68,8 +77,8 @@ class ActivationModel:
     ``saved = bytes_per_token*T + logits_bytes_per_token*R + bytes_per_patch*P
     + image_bytes_per_token*T [images] + padded_bytes_per_token*T [padded]
     + quadratic_bytes_per_token_sq*B*L^2 [padded or eager] + const_bytes`` with ``T`` padded
-    tokens (``B*L``), ``R = B*(L-1)`` label positions, ``P`` padded patches (the dummy
-    image's when 0).
+    tokens (``B*L``), ``R = B*(L-1)`` label positions (the chunked loss: less the image
+    tokens, which have no label), ``P`` padded patches (the dummy image's when 0).
     """
 
     bytes_per_token: float
@@ -87,11 +96,28 @@ class ActivationModel:
     recompute_quadratic_bytes_per_token_sq: float
     """Transient, checkpointing: one layer's mask copy, per sample and ``L^2``."""
     logits_transient_bytes_per_token: float
-    """Transient at the loss (fp32 gradient of the log-probs and its input), per label row."""
+    """Transient at the loss, per padded token: the plain loss's fp32 gradient of the
+    log-probs and its input; the chunked loss's hidden-state gradients."""
     grad_transient_bytes: float
-    """Transient: the largest trainable parameter's full gradient before ZeRO reduces it."""
+    """Transient: the largest trainable parameter's full gradient before ZeRO reduces it (the
+    chunked loss: the head's fp32 accumulator and one chunk's gradient)."""
     estimate: bool
+    chunked_loss: bool = False
+    loss_chunk_bytes_per_row: float = 0.0
+    """Transient, chunked loss: one chunk's logits and their gradient, per row of the chunk."""
+    loss_chunk_rows: int = 0
+    """Rows of a full chunk (a batch with fewer label rows has one smaller chunk)."""
+    image_tokens_per_patch: float = 0.0
+    """Chunked loss, 4.6 family: LLM image tokens per patch (1/16, 1/4 in "4x"). Image
+    tokens have no label, so the chunked loss keeps no row for them (0: not deducted)."""
     terms: tuple[Term, ...] = field(default=(), repr=False)
+
+    def _loss_rows(self, padded_tokens: int, padded_patches: int, b: int, length: int) -> float:
+        """Rows the loss keeps: ``B*(L-1)``, less the image tokens for the chunked loss."""
+        rows = b * max(length - 1, 0) if padded_tokens else 0
+        if self.chunked_loss and padded_patches > 0:
+            rows = max(rows - padded_patches * self.image_tokens_per_patch, 0)
+        return rows
 
     def saved_bytes(
         self,
@@ -104,14 +130,16 @@ class ActivationModel:
         """Predicted bytes held between forward and backward for one micro-batch.
 
         ``padded``: whether the batch has padding (a mask); None assumes so when
-        ``batch_size > 1``. Without ``batch_size``/``max_len`` the batch is taken as one
-        sequence of ``padded_tokens``.
+        ``batch_size > 1``. A text-only micro-batch of a family whose adapter runs the dummy
+        image has a mask anyway (the image's masked columns). Without
+        ``batch_size``/``max_len`` the batch is taken as one sequence of ``padded_tokens``.
         """
         b = batch_size or 1
         length = max_len or max(1, padded_tokens // b)
         if padded is None:
             padded = b > 1
-        rows = b * max(length - 1, 0) if padded_tokens else 0
+        padded = padded or (padded_patches <= 0 and self.dummy_patches > 0)
+        rows = self._loss_rows(padded_tokens, padded_patches, b, length)
         patches = padded_patches if padded_patches > 0 else self.dummy_patches
         total = (
             self.bytes_per_token * padded_tokens
@@ -135,15 +163,21 @@ class ActivationModel:
         max_len: int | None = None,
         padded: bool | None = None,
     ) -> int:
-        """Predicted activation peak: saved bytes plus the largest transient -- the loss (fp32
-        log-prob gradients, ``2F*vocab`` per token, plus the largest parameter gradient) or,
+        """Predicted activation peak: saved bytes plus the largest transient -- the loss (plain:
+        fp32 log-prob gradients, ``2F*vocab`` per token, plus the largest parameter gradient;
+        chunked: one chunk and the head's gradient accumulator) or,
         under checkpointing, one recomputed layer. The transients are modelled, not measured
         (the saved-tensor check cannot see them): the GPU probe refines them."""
         saved = self.saved_bytes(padded_tokens, padded_patches, batch_size, max_len, padded)
         b = batch_size or 1
         length = max_len or max(1, padded_tokens // b)
         patches = padded_patches if padded_patches > 0 else self.dummy_patches
-        loss = self.logits_transient_bytes_per_token * padded_tokens + self.grad_transient_bytes
+        chunk = min(self.loss_chunk_rows, self._loss_rows(padded_tokens, padded_patches, b, length))
+        loss = (
+            self.logits_transient_bytes_per_token * padded_tokens
+            + self.grad_transient_bytes
+            + self.loss_chunk_bytes_per_row * chunk
+        )
         recompute = (
             self.recompute_bytes_per_token * padded_tokens
             + self.recompute_bytes_per_patch * patches
@@ -174,13 +208,20 @@ def predict_peak_activation_bytes(
     return model.peak_bytes(padded_tokens, padded_patches, batch_size, max_len, padded)
 
 
+def _image_tokens_per_patch(vd: Any) -> float:
+    """LLM tokens per patch of the 4.6 family's mergers (2x2 window, then 2x2 MLP; "4x": the
+    MLP merger only); 0 for the 2.6 family (64 per (sub)image, whatever its patches)."""
+    if not vd.family.navit_packing:
+        return 0.0
+    return 1 / 4 if vd.downsample_mode == "4x" else 1 / 16
+
+
 def activation_model(config: Any, setup: TrainingSetup | None = None) -> ActivationModel:
     """The :class:`ActivationModel` of a native config or :class:`RemoteConfig` under ``setup``."""
     st = setup or TrainingSetup()
     if st.attention not in ("sdpa", "flash", "eager"):
         raise ValueError(f"attention must be sdpa, flash or eager, got {st.attention!r}")
     td, vd = text_dims(config), vision_dims(config, st.downsample_mode)
-    a = st.act_bytes
     led = Ledger()
     if vd.family.navit_packing:
         recompute_patch, features_grad = vision46_terms(led, vd, st)
@@ -190,8 +231,7 @@ def activation_model(config: Any, setup: TrainingSetup | None = None) -> Activat
     recompute_token, recompute_quad = text_terms(led, td, st, x0_grad)
     if x0_grad and vd.family.placeholder_mask:
         led.add("image placeholder mask", "image_token", 1)
-    embed_params = td.vocab * td.hidden
-    grad_transient = 0.0 if st.lora else a * embed_params
+    per_token_transient, grad_transient, chunk_bytes, chunk_rows = loss_transients(td, st)
     return ActivationModel(
         bytes_per_token=led.total("token"),
         bytes_per_patch=led.total("patch"),
@@ -205,8 +245,12 @@ def activation_model(config: Any, setup: TrainingSetup | None = None) -> Activat
         recompute_bytes_per_token=recompute_token,
         recompute_bytes_per_patch=recompute_patch,
         recompute_quadratic_bytes_per_token_sq=recompute_quad,
-        logits_transient_bytes_per_token=2 * F * td.vocab,
+        logits_transient_bytes_per_token=per_token_transient,
         grad_transient_bytes=grad_transient,
         estimate=vd.family.remote_code or td.linear_layers > 0,
+        chunked_loss=st.chunked_loss,
+        loss_chunk_bytes_per_row=chunk_bytes,
+        loss_chunk_rows=chunk_rows,
+        image_tokens_per_patch=_image_tokens_per_patch(vd) if st.chunked_loss else 0.0,
         terms=tuple(led.terms),
     )

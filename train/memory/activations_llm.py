@@ -138,7 +138,44 @@ def text_terms(led: Ledger, td: TextDims, st: TrainingSetup, x0_grad: bool) -> t
     led.add("llm.final_norm", "const", c)
     if train:
         led.add("llm.embed_tokens ids", "token", INDEX)
+    loss_terms(led, td, st)
+    return (recompute, recompute_quad) if st.grad_ckpt else (0.0, 0.0)
+
+
+def loss_terms(led: Ledger, td: TextDims, st: TrainingSetup) -> None:
+    """Add what the loss saves. Plain: ``lm_head`` keeps its input ``a*H`` per token when its
+    weight trains; ``log_softmax`` keeps fp32 log-probs and ``nll_loss`` the int64 targets,
+    ``F*vocab + 8`` per label row, and its ``total_weight``. Chunked: per label row the
+    selected hidden state ``a*H`` (a copy: ``index_select``), its int64 index and target
+    (``2*8``); nothing per token (the head is passed through)."""
+    a, h = st.act_bytes, td.hidden
+    if st.chunked_loss:
+        led.add("chunked loss hidden rows + index + targets", "loss_row", a * h + 2 * INDEX)
+        return
+    if not st.lora:
         led.add("lm_head input", "token", a * h)
     led.add("loss log_softmax + targets", "loss_row", F * td.vocab + INDEX)
     led.add("loss total_weight", "const", F)
-    return (recompute, recompute_quad) if st.grad_ckpt else (0.0, 0.0)
+
+
+def loss_transients(td: TextDims, st: TrainingSetup) -> tuple[float, float, float, int]:
+    """(bytes per padded token, head-gradient bytes, bytes per chunk row, rows per chunk)
+    held for a moment at the loss's backward.
+
+    Plain: the fp32 gradient of the log-probs and of the logits, ``2F*vocab`` per token, and
+    the head (embedding) weight's gradient ``a*vocab*H`` when it trains. Chunked: the hidden
+    states' gradient (``index_select``'s full ``a*H`` per token and the rows' ``a*H``); the
+    head weight's fp32 accumulator plus, below fp32, one chunk's product and the cast result
+    ``a*vocab*H``, when it trains; one chunk of up to ``c`` rows
+    (:func:`mvtrain.model.chunked_loss.chunk_rows_for`): its fp32 logits, turned in place
+    into their gradient, and below fp32 the logits or their gradient in ``a``:
+    ``(F + a)*vocab`` per row (``F*vocab`` in fp32)."""
+    from mvtrain.model.chunked_loss import chunk_rows_for
+
+    a, h, vocab = st.act_bytes, td.hidden, td.vocab
+    if not st.chunked_loss:
+        return 2 * F * vocab, (0.0 if st.lora else a * vocab * h), 0.0, 0
+    low = a < F
+    head_grad = 0.0 if st.lora else (F + (a if low else 0)) * vocab * h
+    per_row = (F + (a if low else 0)) * vocab
+    return 2 * a * h, head_grad, per_row, chunk_rows_for(vocab)

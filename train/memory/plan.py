@@ -87,6 +87,7 @@ class MemoryPlan:
                 "freeze_vision": r.freeze_vision,
                 "grad_ckpt": r.grad_ckpt,
                 "attention": r.attention,
+                "chunked_loss": r.chunked_loss,
             },
             "params_total": counts.total,
             "params_trainable": counts.trainable,
@@ -156,10 +157,12 @@ def _epoch(
     mix = SourceMix.build(sources, indexes, [PlanIndex.from_index(ix) for ix in indexes])
     plan_index = mix.epoch_index(0, 0)
     rank_budgets = Budgets(budgets.token_budget, budgets.patch_budget)
-    rank_plans = all_rank_plans(plan_index, 0, 0, request.gpus, rank_budgets, cost)
+    rank_plans = all_rank_plans(
+        plan_index, 0, 0, request.gpus, rank_budgets, cost, grad_accum=request.grad_accum
+    )
     try:
         steps, _ = equal_step_plans(rank_plans, request.grad_accum)
-    except ValueError as exc:  # e.g. fewer shards than ranks
+    except ValueError as exc:  # no batch at all
         return EpochNote(str(exc))
     report = plan_report(rank_plans)
     costliest = max((b for p in rank_plans for b in p.batches), key=lambda b: b.cost)

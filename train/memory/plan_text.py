@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mvshards.units import GiB
+from mvtrain.memory.activations import ActivationModel
 from mvtrain.memory.plan import EpochNote, EpochSteps, MemoryPlan
 from mvtrain.memory.remedies import Remedy
 
@@ -19,10 +20,11 @@ def _header(plan: MemoryPlan) -> str:
         else "plain torch engine (no partitioning)"
     )
     modes = r.modes or ["full fine-tune"]
+    loss = "chunked loss" if r.chunked_loss else "plain loss (--no-chunked-loss)"
     return (
         f"mvtrain plan: {r.model} on {r.gpus} x {r.gpu_mem / GiB:.0f} GiB, {engine}, "
         f"{r.resolved_dtype} (--dtype {r.dtype}), {r.attention} attention, "
-        f"target {r.target:.0%}, " + ", ".join(modes)
+        f"target {r.target:.0%}, " + ", ".join(modes) + f", {loss}"
     )
 
 
@@ -49,9 +51,15 @@ def _static_lines(plan: MemoryPlan) -> list[str]:
 def _activation_lines(plan: MemoryPlan) -> list[str]:
     fit, act = plan.fit, plan.fit.activations
     source = "probe fit (a*T + b*P + c)" if fit.from_probe else "model config"
-    return [
+    lines = [
         "activation model (bytes)",
         f"  per padded token    {act.bytes_per_token:,.0f}",
+    ]
+    if isinstance(act, ActivationModel):
+        kind = "chunked" if act.chunked_loss else "plain: fp32 log-probs"
+        lines.append(f"  per label row       {act.logits_bytes_per_token:,.0f}  (loss, {kind})")
+    return [
+        *lines,
         f"  per padded patch    {act.bytes_per_patch:,.0f}",
         f"  per token^2 (attn)  {fit.quadratic_bytes_per_token_sq:,.1f}",
         f"  constant            {act.const_bytes:,.0f}",

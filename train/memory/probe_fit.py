@@ -22,8 +22,17 @@ from mvtrain.memory.dims import text_dims, vision_dims
 
 FIT_FORMAT = 2
 """Version of the fit file; files without ``setup`` (format 1) are refused."""
-SETUP_FIELDS = ("dtype", "lora", "lora_rank", "freeze_vision", "grad_ckpt", "attention")
-"""What a fit depends on besides the model (``config_hash``)."""
+SETUP_FIELDS = (
+    "dtype",
+    "lora",
+    "lora_rank",
+    "freeze_vision",
+    "grad_ckpt",
+    "attention",
+    "chunked_loss",
+)
+"""What a fit depends on besides the model (``config_hash``). A fit without
+``chunked_loss`` was measured before the chunked loss existed: with the plain loss."""
 PROBE_ATTENTION = "sdpa"
 """The LLM attention the probe measures: transformers' default, what ``mvtrain run`` uses."""
 
@@ -47,6 +56,7 @@ def probe_setup(
     freeze_vision: bool,
     grad_ckpt: bool,
     attention: str = PROBE_ATTENTION,
+    chunked_loss: bool = True,
 ) -> dict[str, Any]:
     """The setup record a fit file carries (and a plan request is compared with)."""
     return {
@@ -58,6 +68,7 @@ def probe_setup(
         "freeze_vision": bool(freeze_vision),
         "grad_ckpt": bool(grad_ckpt),
         "attention": attention,
+        "chunked_loss": bool(chunked_loss),
     }
 
 
@@ -105,6 +116,8 @@ def load_probe_fit(path: Path | str) -> ProbeFitModel:
     """Read a fit saved by ``mvtrain probe``; a file without its setup record is refused."""
     fit = json.loads(Path(path).read_text())
     setup = fit.get("setup")
+    if isinstance(setup, dict):
+        setup.setdefault("chunked_loss", False)  # measured before the chunked loss existed
     if not isinstance(setup, dict) or any(k not in setup for k in (*SETUP_FIELDS, "config_hash")):
         raise ValueError(
             f"probe fit {path} does not record the setup it was measured with (dtype, LoRA, "
@@ -143,6 +156,8 @@ def _probe_options(wanted: dict[str, Any]) -> str:
     for key, name in (("freeze_vision", "--freeze-vision"), ("grad_ckpt", "--grad-ckpt")):
         if wanted[key]:
             flags.append(name)
+    if not wanted.get("chunked_loss", True):
+        flags.append("--no-chunked-loss")
     return " ".join(flags)
 
 

@@ -1,7 +1,8 @@
 """What each change would do: the remedies a plan evaluates besides the setup it was asked.
 
-Each remedy is one change of the request -- LoRA, frozen vision, gradient checkpointing, two
-and four times the GPUs, or shards built with a lower ``--max-res`` (about half the patches)
+Each remedy is one change of the request -- the chunked loss (when the plan is for
+``--no-chunked-loss``), LoRA, frozen vision, gradient checkpointing, two and four times the
+GPUs, or shards built with a lower ``--max-res`` (about half the patches)
 -- fitted like the request itself (:func:`~mvtrain.memory.setup_fit.fit_setup`): its static
 memory per GPU, and its budgets or the bytes it would still need. A probe fit holds for its
 own setup only, so the remedies that change the setup use the config-derived activation
@@ -19,6 +20,8 @@ from mvtrain.memory.setup_fit import PlanRequest, SetupFit, fit_setup
 
 LOWER_MAX_RES = "mvprep build --max-res 896 (about half the patches)"
 """The change that rebuilds the shards with smaller images."""
+CHUNKED_LOSS = "chunked loss (drop --no-chunked-loss)"
+"""The change that computes the loss chunked from the hidden states."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class _Change(NamedTuple):
 def _changes(request: PlanRequest, stats: IndexStats) -> list[_Change]:
     """The remedies of ``request``, those already on left out."""
     changes: list[_Change] = []
+    if not request.chunked_loss:
+        changes.append(_Change(CHUNKED_LOSS, replace(request, chunked_loss=True), stats, False))
     if not request.lora:
         changes.append(_Change("--lora", replace(request, lora=True), stats, False))
     if not request.freeze_vision:

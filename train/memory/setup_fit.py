@@ -58,6 +58,8 @@ class PlanRequest:
     probe: Path | None = None
     engine: str = "deepspeed"
     """``deepspeed`` (ZeRO ``zero_stage``) or ``torch`` (the plain engine: no partitioning)."""
+    chunked_loss: bool = True
+    """The chunked loss (default); False: the plain logits loss (``--no-chunked-loss``)."""
 
     @property
     def resolved_dtype(self) -> str:
@@ -119,6 +121,7 @@ def _wanted_setup(request: PlanRequest, config: Any) -> dict[str, Any]:
         request.freeze_vision,
         request.grad_ckpt,
         request.attention,
+        request.chunked_loss,
     )
     from mvtrain.batching.sources import parse_sources
 
@@ -171,6 +174,7 @@ def activations_for(
         grad_ckpt=request.grad_ckpt,
         vision_input_requires_grad=False,
         attention=request.attention,
+        chunked_loss=request.chunked_loss,
     )
     return activation_model(config, setup)
 

@@ -27,11 +27,18 @@ the loss's device: reading it would be a host sync; the step counts labels on th
 the accumulation window over all ranks. The result (:class:`TokenLoss`, what
 ``forward_loss`` returns) also carries each row's loss sum and label count, detached, which
 the step groups by the samples' sources (per-source loss).
+
+Chunked loss (on by default; ``chunked_loss=False``, ``--no-chunked-loss``, turns it off):
+``forward_loss`` runs the model with its output head passed through and computes the loss
+from the last hidden states at the label positions, a chunk of rows at a time, recomputed in
+backward (:mod:`mvtrain.model.chunked_loss`): the fp32 ``[tokens, vocab]`` log-probabilities
+and their gradient never exist. Off, the plain :func:`token_loss_sum` runs, bit for bit as
+before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +51,12 @@ from mvshards.schema import SampleMeta
 from mvtrain.data.pixels import PATCH_SIZE
 from mvtrain.data.sample import LoadedSample
 from mvtrain.data.tokenize import IGNORE_INDEX
+from mvtrain.model.chunked_loss import (
+    check_hidden,
+    chunked_token_losses,
+    head_returns_hidden,
+    output_head,
+)
 
 DUMMY_GRID = 4
 """Side, in patches, of the dummy image a text-only 4.6 micro-batch runs (4x4 = 16 patches:
@@ -120,6 +133,32 @@ def token_loss_sum(
     return TokenLoss(loss, keep.sum(), row_loss, keep.sum(dim=1))
 
 
+def chunked_loss_sum(
+    model: Any,
+    run: Callable[[], Any],
+    labels: torch.Tensor,
+    pre_shifted: bool,
+    label_count: int | None = None,
+    chunk_rows: int | None = None,
+) -> TokenLoss:
+    """:func:`token_loss_sum` by the chunked loss: ``run()`` forwards the model (the engine,
+    ``model``) while its output head passes its input through; the loss is computed from
+    those hidden states at the label positions (:mod:`mvtrain.model.chunked_loss`).
+    ``label_count``: the batch's label tokens when the caller knows them on the host (no
+    device sync)."""
+    head = output_head(_unwrap(model))
+    with head_returns_hidden(head):
+        out = run()
+    check_hidden(out.logits, head)
+    losses, row_ids, keep = chunked_token_losses(
+        out.logits, head.weight, labels, pre_shifted, label_count, chunk_rows
+    )
+    with torch.no_grad():
+        row_loss = torch.zeros(keep.shape[0], dtype=torch.float32, device=losses.device)
+        row_loss.index_add_(0, row_ids, losses.detach())
+    return TokenLoss(losses.sum(), keep.sum(), row_loss, keep.sum(dim=1))
+
+
 def _unwrap(model: Any) -> Any:
     """The underlying model of a DeepSpeed engine / DDP wrapper (PEFT forwards by itself)."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -138,6 +177,10 @@ class _FamilyAdapter:
     """What every adapter shares: its family and the family's padded cost."""
 
     family: ClassVar[Family]
+    chunked_loss: bool = True
+    """Compute the loss chunked from the hidden states (False: the plain logits loss)."""
+    loss_chunk_rows: int | None = None
+    """Label rows per loss chunk (None: 256 MiB of fp32 logits; tests set a few)."""
 
     @classmethod
     def padded_cost(cls, items: Sequence[Any]) -> tuple[int, int]:
@@ -156,16 +199,21 @@ class Native46Adapter(_FamilyAdapter):
     family = NATIVE_46
     pre_shifted_labels = False
 
-    def __init__(self, pad_token_id: int, downsample_mode: str | None = None) -> None:
+    def __init__(
+        self, pad_token_id: int, downsample_mode: str | None = None, chunked_loss: bool = True
+    ) -> None:
         self.pad_token_id = int(pad_token_id)
         self.downsample_mode = downsample_mode
         """``"4x"`` for the 4x profile; None keeps the model config's (``"16x"``)."""
+        self.chunked_loss = chunked_loss
 
     @classmethod
-    def for_profile(cls, pad_token_id: int, profile: Profile | None) -> Native46Adapter:
+    def for_profile(
+        cls, pad_token_id: int, profile: Profile | None, chunked_loss: bool = True
+    ) -> Native46Adapter:
         """The adapter of ``profile`` (None: the model config's downsampling)."""
         four_x = profile is not None and profile.patch_tokens_divisor == 4
-        return cls(pad_token_id, downsample_mode="4x" if four_x else None)
+        return cls(pad_token_id, "4x" if four_x else None, chunked_loss)
 
     def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
         """Model inputs plus ``labels``; ``pixel_values``/``target_sizes`` None without images."""
@@ -253,9 +301,13 @@ class Native46Adapter(_FamilyAdapter):
             "target_sizes": target_sizes,
         }
 
-    def forward_loss(self, model: Any, batch: Mapping[str, Any]) -> TokenLoss:
+    def forward_loss(
+        self, model: Any, batch: Mapping[str, Any], label_count: int | None = None
+    ) -> TokenLoss:
         """Forward ``batch`` (already on the model's device); ``(loss sum, label count)`` with
-        the per-row sums (:class:`TokenLoss`).
+        the per-row sums (:class:`TokenLoss`). ``label_count``: :meth:`label_count` of the
+        batch when the caller has it on the host (the chunked loss then selects the label
+        positions without a device sync).
 
         A batch without images runs the dummy image through the real image path
         (:meth:`with_dummy_image`).
@@ -271,6 +323,15 @@ class Native46Adapter(_FamilyAdapter):
         }
         if self.downsample_mode is not None:
             inputs["downsample_mode"] = self.downsample_mode
+        if self.chunked_loss:
+            return chunked_loss_sum(
+                model,
+                lambda: model(**inputs),
+                batch["labels"],
+                False,
+                label_count,
+                self.loss_chunk_rows,
+            )
         out = model(**inputs)
         return token_loss_sum(out.logits, batch["labels"])
 
@@ -281,13 +342,16 @@ class Remote26Adapter(_FamilyAdapter):
     family = REMOTE_26
     pre_shifted_labels = True
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, chunked_loss: bool = True) -> None:
         self.pad_token_id = int(pad_token_id)
+        self.chunked_loss = chunked_loss
 
     @classmethod
-    def for_profile(cls, pad_token_id: int, profile: Profile | None) -> Remote26Adapter:
+    def for_profile(
+        cls, pad_token_id: int, profile: Profile | None, chunked_loss: bool = True
+    ) -> Remote26Adapter:
         """The adapter of ``profile`` (every 2.6-family profile batches alike)."""
-        return cls(pad_token_id)
+        return cls(pad_token_id, chunked_loss)
 
     def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
         """The official ``data_collator`` layout, labels shifted left by one."""
@@ -319,13 +383,26 @@ class Remote26Adapter(_FamilyAdapter):
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def forward_loss(
-        self, model: Any, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``model(data=batch)`` as the official trainer calls it; loss on pre-shifted labels.
+        self, model: Any, batch: Mapping[str, Any], label_count: int | None = None
+    ) -> TokenLoss:
+        """``model(data=batch)`` as the official trainer calls it; loss on pre-shifted labels
+        (:class:`TokenLoss`; ``label_count`` as for :meth:`Native46Adapter.forward_loss`).
 
         The remote code runs its own zero-weighted dummy image for a batch without images.
+        The chunked loss runs the same call with the LLM's ``lm_head`` passed through: the
+        hidden states come from ``get_vllm_embedding`` and the LLM body, the loss uses the
+        ``lm_head`` weight.
         """
         data = {k: v for k, v in batch.items() if k != "labels"}
+        if self.chunked_loss:
+            return chunked_loss_sum(
+                model,
+                lambda: model(data=data, use_cache=False),
+                batch["labels"],
+                True,
+                label_count,
+                self.loss_chunk_rows,
+            )
         out = model(data=data, use_cache=False)
         return token_loss_sum(out.logits, batch["labels"], pre_shifted=True)
 
@@ -339,9 +416,13 @@ ADAPTERS: dict[Family, type[Native46Adapter] | type[Remote26Adapter]] = {
 """The adapter class of each family."""
 
 
-def adapter_for(family_or_profile: Family | Profile | str, tokenizer: Any | None = None) -> Adapter:
+def adapter_for(
+    family_or_profile: Family | Profile | str,
+    tokenizer: Any | None = None,
+    chunked_loss: bool = True,
+) -> Adapter:
     """The adapter of a family, a profile, or the name of either (``minicpmv-4.6-4x``,
-    ``2.6``).
+    ``2.6``); ``chunked_loss=False`` computes the plain logits loss.
 
     The pad id comes from ``tokenizer`` (pad, else eos, else 0).
     """
@@ -366,4 +447,4 @@ def adapter_for(family_or_profile: Family | Profile | str, tokenizer: Any | None
                 f"unknown model family or profile {family_or_profile!r}; expected a family "
                 f"name or one of {sorted(PROFILES)}"
             ) from None
-    return ADAPTERS[family].for_profile(pad, profile)
+    return ADAPTERS[family].for_profile(pad, profile, chunked_loss)
