@@ -138,7 +138,7 @@ def _count(shards: Path) -> int:
     return len(load_index(shards).keys) + 3  # all of a/held, 3 of b/held
 
 
-@pytest.fixture(scope="session")  # built once per worker, like two_rank_run
+@pytest.fixture(scope="session")  # not module: tests of other modules may run in between
 def eval_run(shards: Path, held: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``two_rank_run``'s run with an odd eval set (not even over 2 ranks) and --save-best."""
     out = tmp_path_factory.mktemp("eval") / "run"
@@ -224,7 +224,6 @@ def _assert_matches(row: dict[str, Any], plain: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_rank_run")  # one worker builds two_rank_run and eval_run
 def test_eval_leaves_training_bit_for_bit_as_without_it(eval_run: Path, two_rank_run: Path) -> None:
     assert _losses(eval_run) == _losses(two_rank_run)
     assert sorted(_losses(eval_run)) == [1, 2, 3, 4, 5, 6]
@@ -232,7 +231,6 @@ def test_eval_leaves_training_bit_for_bit_as_without_it(eval_run: Path, two_rank
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_rank_run")  # one worker builds two_rank_run and eval_run
 def test_eval_loss_is_the_token_weighted_loss_of_plain_forwards(
     eval_run: Path, held: list[Path], shards: Path
 ) -> None:
@@ -253,7 +251,6 @@ def test_eval_loss_is_the_token_weighted_loss_of_plain_forwards(
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_rank_run")  # one worker builds two_rank_run and eval_run
 def test_save_best_keeps_the_checkpoint_and_export_of_the_lowest_eval_loss(
     eval_run: Path,
 ) -> None:

@@ -11,12 +11,8 @@ from run_helpers import PATCHES, TOKENS, _digests, _env, _losses, _train
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow  # subprocess runs, 2 ranks of DeepSpeed
-TWO_RANK_GROUP = pytest.mark.xdist_group("two_rank_run")
-"""On one xdist worker with the other users of the session fixture ``two_rank_run``
-(pytest runs ``--dist loadgroup``), so it runs once."""
 
 
-@TWO_RANK_GROUP
 def test_two_ranks_zero2_loss_falls_and_weights_agree(two_rank_run: Path) -> None:
     losses = _losses(two_rank_run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -26,7 +22,6 @@ def test_two_ranks_zero2_loss_falls_and_weights_agree(two_rank_run: Path) -> Non
     assert run["engine"] == "deepspeed" and run["world_size"] == 2
 
 
-@TWO_RANK_GROUP
 def test_batch_log_respects_the_budgets_on_every_rank(two_rank_run: Path) -> None:
     lines = [json.loads(x) for x in (two_rank_run / "batches.jsonl").read_text().splitlines()]
     assert {line["rank"] for line in lines} == {0, 1}
@@ -39,7 +34,6 @@ def test_batch_log_respects_the_budgets_on_every_rank(two_rank_run: Path) -> Non
     assert per_rank[0] == per_rank[1] == 6, "every rank runs the same number of micro-batches"
 
 
-@TWO_RANK_GROUP
 def test_kill_then_resume_matches_the_uninterrupted_run_bitwise(
     shards: Path, two_rank_run: Path, tmp_path: Path
 ) -> None:
@@ -53,7 +47,6 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bitwise(
     assert _digests(out) == _digests(two_rank_run)
 
 
-@TWO_RANK_GROUP
 def test_the_export_loads_back_in_transformers(two_rank_run: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
