@@ -282,7 +282,7 @@ def test_two_channels_in_one_folder_get_per_channel_losses_of_plain_forwards(
     tmp_path: Path,
 ) -> None:
     import torch
-    from test_sources import _alone_loss
+    from train_fixtures import alone_loss
 
     from mvprep.build import build
     from mvshards.tario import iter_shard
@@ -342,9 +342,7 @@ def test_two_channels_in_one_folder_get_per_channel_losses_of_plain_forwards(
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         for key in trained:
             meta = SampleMeta.from_json(json.loads(samples[key]["json"]))
-            total, count = _alone_loss(
-                model, adapter, load_sample(meta, samples[key], tok, profile)
-            )
+            total, count = alone_loss(model, adapter, load_sample(meta, samples[key], tok, profile))
             assert meta.channel is not None
             sums[meta.channel][0] += total
             sums[meta.channel][1] += count

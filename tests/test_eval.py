@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from run_helpers import TWO_RANK_ARGS, _digests, _losses, _train
+from train_fixtures import alone_loss
 
 from mvshards.families import NATIVE_46
 from mvshards.index import load_index
@@ -24,7 +23,6 @@ from mvshards.schema import SampleMeta
 from mvtrain.batching.plan_index import PlanIndex
 from mvtrain.batching.sources import SourceMismatchError
 from mvtrain.budgets import Budgets
-from mvtrain.data.tokenize import IGNORE_INDEX
 from mvtrain.evaluation import head, plan_eval
 from mvtrain.run_config import RunConfig
 
@@ -167,7 +165,7 @@ def _eval_rows(out: Path) -> dict[int, dict[str, Any]]:
 def _plain_eval(model: Any, tokenizer: Any, held: list[Path], count: int) -> dict[str, Any]:
     """The first ``count`` eval samples (folder by folder, dataset order), each forwarded
     alone with ``F.cross_entropy``: token-weighted mean loss overall and per group."""
-    from mvtrain.data.loader import ShardAccess, make_micro_batch
+    from mvtrain.data.loader import ShardAccess
     from mvtrain.data.sample import load_sample
     from mvtrain.model.adapters import adapter_for
 
@@ -186,28 +184,11 @@ def _plain_eval(model: Any, tokenizer: Any, held: list[Path], count: int) -> dic
             members = access.members(int(shard), str(key))
             meta = SampleMeta.from_json(json.loads(members["json"]))
             sample = load_sample(meta, members, tokenizer, profile)
-            inputs = dict(make_micro_batch(0, [sample], 1.0, adapter).inputs)
-            if inputs["pixel_values"] is None:
-                inputs = adapter.with_dummy_image(model, inputs)  # type: ignore[union-attr]
-            with torch.no_grad():
-                logits = model(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    pixel_values=inputs["pixel_values"],
-                    target_sizes=inputs["target_sizes"],
-                    use_cache=False,
-                ).logits
-            labels = inputs["labels"][:, 1:]
-            total = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            total, labels = alone_loss(model, adapter, sample)
             group = getattr(meta, "channel", None) or name
             entry = sums.setdefault(group, [0.0, 0])
-            entry[0] += float(total)
-            entry[1] += int((labels != IGNORE_INDEX).sum())
+            entry[0] += total
+            entry[1] += labels
     return {
         "loss": sum(t for t, _ in sums.values()) / sum(n for _, n in sums.values()),
         "by_group": {g: t / n for g, (t, n) in sums.items() if n},

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import train_fixtures
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from train_fixtures import Loaded, _text_only, _with_images
+from train_fixtures import Loaded, _text_only, _with_images, alone_loss
 
 from mvshards.families import NATIVE_46
 from mvtrain.batching.epochs import plan_epochs
@@ -247,31 +247,6 @@ def test_other_input_files_and_formats_mix(shards: Path, tmp_path: Path) -> None
 # --- per-source loss ----------------------------------------------------------------------
 
 
-def _alone_loss(model: torch.nn.Module, adapter: object, sample: object) -> tuple[float, int]:
-    """One sample's token-loss sum and label count from a plain forward of it alone and
-    ``F.cross_entropy`` (no mvtrain loss code)."""
-    batch = make_micro_batch(0, [sample], 1.0, adapter)  # type: ignore[arg-type]
-    inputs = dict(batch.inputs)
-    if inputs["pixel_values"] is None:
-        inputs = adapter.with_dummy_image(model, inputs)  # type: ignore[attr-defined]
-    with torch.no_grad():
-        logits = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            pixel_values=inputs["pixel_values"],
-            target_sizes=inputs["target_sizes"],
-            use_cache=False,
-        ).logits
-    labels = inputs["labels"][:, 1:]
-    total = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return float(total), int((labels != IGNORE_INDEX).sum())
-
-
 def test_token_loss_sum_rows_add_up_and_the_loss_is_cross_entropy_bit_for_bit() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, 9, 50, requires_grad=True)
@@ -337,7 +312,7 @@ def test_per_source_loss_equals_plain_single_sample_forwards(
     expected: dict[str, list[float]] = {"a": [0.0, 0], "b": [0.0, 0]}
     for group in groups:
         for sample in group:
-            total, count = _alone_loss(reference, adapter, sample)
+            total, count = alone_loss(reference, adapter, sample)
             expected[sample.source][0] += total  # type: ignore[attr-defined]
             expected[sample.source][1] += count  # type: ignore[attr-defined]
     assert set(result.loss_by_group) == {"a", "b"}  # "c" had no tokens; the filler counts nothing

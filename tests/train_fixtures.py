@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pipeline_data import make_pipeline_dataset
 
 from mvprep.build import build
@@ -21,7 +22,9 @@ from mvprep.options import BuildOptions
 from mvshards.schema import SampleMeta
 from mvshards.tario import iter_shard
 from mvshards.tiny_tokenizer import build_tiny_tokenizer
+from mvtrain.data.loader import make_micro_batch
 from mvtrain.data.sample import LoadedSample, load_sample
+from mvtrain.data.tokenize import IGNORE_INDEX
 from mvtrain.model.tiny import build_tiny_model
 
 PROFILES = ("minicpmv-4.6", "minicpmv-4.6-4x", "minicpmv-2.6")
@@ -103,3 +106,28 @@ def _with_images(rows: Loaded) -> list[LoadedSample]:
 
 def _text_only(rows: Loaded) -> list[LoadedSample]:
     return [s for meta, _, s in rows if not meta.images]
+
+
+def alone_loss(model: torch.nn.Module, adapter: Any, sample: Any) -> tuple[float, int]:
+    """One sample's token-loss sum and label count from a plain forward of it alone and
+    ``F.cross_entropy`` (no mvtrain loss code)."""
+    batch = make_micro_batch(0, [sample], 1.0, adapter)
+    inputs = dict(batch.inputs)
+    if inputs["pixel_values"] is None:
+        inputs = adapter.with_dummy_image(model, inputs)
+    with torch.no_grad():
+        logits = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
+            target_sizes=inputs["target_sizes"],
+            use_cache=False,
+        ).logits
+    labels = inputs["labels"][:, 1:]
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return float(total), int((labels != IGNORE_INDEX).sum())
