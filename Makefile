@@ -13,13 +13,14 @@ install: $(STAMP)
 # pull a multi-GB CUDA build. pyproject.toml keeps an open range for GPU users.
 # The optional `ray` extra (mvprep build --runner ray) and `parquet` extra (Parquet and
 # save_to_disk input) and `fastjpeg` extra (simplejpeg: the faster JPEG decode, see
-# mvprep.imaging) are installed here so that `make test` runs their tests; a plain
+# mvprep.imaging) and `s3` extra (s3fs: s3:// shards, tested against moto's S3 server) are
+# installed here so that `make test` runs their tests; a plain
 # `pip install mvkit` stays without them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,train,ray,parquet,fastjpeg]'
+	$(PY) -m pip install -q -e '.[test,train,ray,parquet,fastjpeg,s3]'
 	touch $(STAMP)
 
 demo: install

@@ -23,6 +23,7 @@ batches that hold its rows and turns at most :data:`BATCH_ROWS` rows at a time i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import json
@@ -33,6 +34,7 @@ from typing import Any
 
 from mvprep.readers import DatasetError, DatasetFormat, DatasetSource, RawRecord
 from mvprep.records import ImageBytes
+from mvshards.storage import Location, ObjectPath, StorageError, open_read
 
 BATCH_ROWS = 32
 """Rows turned into Python dicts at a time (images are often ~1 MB each)."""
@@ -83,7 +85,7 @@ class ParquetSource(DatasetSource):
 
     format: DatasetFormat = "parquet"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         _pyarrow()
         self._open(path, _index_parquet)
         self.num_records = int(self.offsets[-1])
@@ -98,13 +100,14 @@ class ParquetSource(DatasetSource):
             for g in range(len(self.offsets) - 1)
             if self.offsets[g] < stop and self.offsets[g + 1] > start
         ]
-        pf = pa.parquet.ParquetFile(str(self.path), pre_buffer=False, buffer_size=_READ_BUFFER)
-        try:
-            row = int(self.offsets[groups[0]])
-            batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=groups)
-            yield from _rows(batches, row, start, stop, self.path.name)
-        finally:
-            pf.close()
+        with _parquet_input(self.path) as source:
+            pf = pa.parquet.ParquetFile(source, pre_buffer=False, buffer_size=_READ_BUFFER)
+            try:
+                row = int(self.offsets[groups[0]])
+                batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=groups)
+                yield from _rows(batches, row, start, stop, self.path.name)
+            finally:
+                pf.close()
 
 
 class ArrowFolderSource(DatasetSource):
@@ -153,10 +156,24 @@ def _rows(
             return
 
 
-def _index_parquet(path: Path) -> array:
+@contextlib.contextmanager
+def _parquet_input(path: Location) -> Iterator[Any]:
+    """What pyarrow reads: the path of a local file (its own fast I/O), else a seekable
+    reader over the object (:func:`mvshards.storage.open_read`)."""
+    if isinstance(path, ObjectPath):
+        with open_read(path) as f:
+            yield f
+    else:
+        yield str(path)
+
+
+def _index_parquet(path: Location) -> array:
     pa = _pyarrow()
     try:
-        meta = pa.parquet.read_metadata(str(path))
+        with _parquet_input(path) as source:
+            meta = pa.parquet.read_metadata(source)
+    except StorageError:
+        raise
     except (OSError, pa.ArrowException) as exc:
         raise DatasetError(f"{path} is not a readable Parquet file: {exc}") from None
     offsets = array("q", [0])

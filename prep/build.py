@@ -11,15 +11,19 @@ machine) or ``"ray"`` (:class:`mvprep.runners.ray_runner.RayRunner`, a local Ray
 cluster). ``part=`` restricts a run to one share of the units (:mod:`mvprep.partition`);
 a part never writes the dataset files, ``mvprep merge`` (:mod:`mvprep.merge`) does, with
 :func:`finish_dataset`, the same function a whole build ends with.
+
+``options.out_dir`` may be an object-store URL (:mod:`mvshards.storage`). A store has no
+rename, so the commit point of a unit is its index entry: the shard is uploaded whole
+(visible complete or not at all), then the entry is written. A shard without an entry, or
+whose size or sha256 differs from its entry, is unfinished and rebuilt (overwritten), so a
+re-run after ``kill -9`` mid-upload writes the same objects as an uninterrupted build.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ from mvprep.inputs import open_inputs
 from mvprep.options import BuildOptions
 from mvprep.partition import Part, write_marker
 from mvprep.pool import RetryPolicy, UnitPool
+from mvprep.runners.journal import journal_path
 from mvprep.unit import WORKER_DIED, UnitSpec, plan_units, run_unit
 from mvshards.hf import write_dataset_card
 from mvshards.index import (
@@ -41,19 +46,29 @@ from mvshards.index import (
     IndexMismatchError,
     ShardEntry,
     check_build_params,
+    entry_path,
     read_entry,
     shard_name,
     write_manifest,
     write_rejects,
 )
-from mvshards.tario import fsync_dir, sha256_file, write_atomic
+from mvshards.storage import (
+    Location,
+    ObjectPath,
+    StorageError,
+    create_whole,
+    list_sizes,
+    location,
+    sha256_of,
+    size_of,
+)
 
 
 @dataclass
 class BuildResult:
     """What a build did: all entries of the dataset, and what this run itself processed."""
 
-    out_dir: Path
+    out_dir: Location
     entries: list[ShardEntry]
     processed_units: list[int]
     skipped_units: list[int]
@@ -72,65 +87,87 @@ class BuildResult:
         return not self.failed_units
 
 
-def unit_is_finished(out: Path, spec: UnitSpec) -> ShardEntry | None:
+class Listing:
+    """What an object-store OUT holds, listed once (``index/`` names, shard sizes), so that
+    checking many units costs two LISTs instead of a request or more per unit. A local OUT
+    is not listed (os calls are cheap): every question goes to the file system."""
+
+    def __init__(self, out: Location) -> None:
+        self.entries: set[str] | None = None
+        self.sizes: dict[str, int] | None = None
+        if isinstance(out, ObjectPath):
+            self.entries = set(list_sizes(out / INDEX_DIR))
+            self.sizes = list_sizes(out)
+
+    def may_have_entry(self, out: Location, unit: int) -> bool:
+        return self.entries is None or entry_path(out, unit).name in self.entries
+
+    def size(self, out: Location, name: str) -> int | None:
+        return size_of(out / name) if self.sizes is None else self.sizes.get(name)
+
+
+def unit_is_finished(
+    out: Location, spec: UnitSpec, listing: Listing | None = None
+) -> ShardEntry | None:
     """The unit's entry when its shard is complete and matches it, else None."""
+    if listing is not None and not listing.may_have_entry(out, spec.unit):
+        return None
     entry = read_entry(out, spec.unit)
     if entry is None or entry.record_range != [spec.start, spec.stop]:
         return None
     shard = out / entry.shard
-    if not shard.is_file() or shard.stat().st_size != entry.num_bytes:
+    size = size_of(shard) if listing is None else listing.size(out, entry.shard)
+    if size != entry.num_bytes:
         return None
-    if sha256_file(shard) != entry.sha256:
+    if sha256_of(shard) != entry.sha256:
         return None
     return entry
 
 
-def remove_stale_temporaries(out: Path, units: Iterable[int] | None = None) -> None:
+def remove_stale_temporaries(out: Location, units: Iterable[int] | None = None) -> None:
     """Drop ``*.tmp`` files a killed build left behind (never visible as shards).
 
     With ``units``, only those units' temporaries (shard, entry, attempt journal): other
-    parts may be writing theirs into the same folder right now.
+    parts may be writing theirs into the same folder right now. An object store has none
+    (a shard is spooled locally in an anonymous file; an unfinished multipart upload is
+    invisible: a bucket lifecycle rule removes it), only the Ray attempt journals kept on
+    local disk (:func:`mvprep.runners.journal.journal_path`).
     """
-    if units is None:
+    if isinstance(out, ObjectPath):
+        folders: tuple[Path, ...] = (journal_path(out, 0).parent,)
+    else:
+        folders = (out, out / INDEX_DIR)
+    if units is None and not isinstance(out, ObjectPath):
         for pattern in ("*.tmp", "index/*.tmp"):
             for path in out.glob(pattern):
                 path.unlink(missing_ok=True)
         return
-    wanted = {f"{u:0{UNIT_DIGITS}d}" for u in units}
-    for folder in (out, out / INDEX_DIR):
+    wanted = None if units is None else {f"{u:0{UNIT_DIGITS}d}" for u in units}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
         with os.scandir(folder) as it:
             for item in it:
                 name = item.name
-                if name.endswith(".tmp") and name.partition(".")[0] in wanted:
+                if name.endswith(".tmp") and (wanted is None or name.partition(".")[0] in wanted):
                     Path(item.path).unlink(missing_ok=True)
 
 
-def claim_build_params(out: Path, params: dict[str, Any]) -> None:
+def claim_build_params(out: Location | str, params: dict[str, Any]) -> None:
     """Write ``OUT/build.json`` if absent, else check it against ``params``; safe to race.
 
-    Parts started at the same time on several machines all call this: the file is made
-    whole under a unique name and hard-linked into place (atomic create-if-absent, also on
-    NFS), so exactly one writer wins and the others compare with what it wrote
-    (:class:`mvshards.index.IndexMismatchError` when the options differ).
+    Parts started at the same time on several machines all call this: the file is created
+    atomically if absent (:func:`mvshards.storage.create_whole`: a hard link of a whole file
+    locally, also on NFS; a conditional PUT in an object store), so exactly one writer wins
+    and the others compare with what it wrote (:class:`mvshards.index.IndexMismatchError`
+    when the options differ).
     """
+    out = location(out)
     if check_build_params(out, params):
         return
-    final = Path(out) / BUILD_FILE
-    tmp = final.with_name(f".{BUILD_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.claim")
     body = json.loads(json.dumps(params, sort_keys=True))
-    write_atomic(tmp, json.dumps(body, ensure_ascii=False, sort_keys=True, indent=2).encode())
-    try:
-        os.link(tmp, final)
-    except FileExistsError:
-        pass
-    except OSError:  # no hard links here (some FUSE/SMB mounts): exclusive create instead
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(tmp.read_bytes())
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(Path(out))
+    data = json.dumps(body, ensure_ascii=False, sort_keys=True, indent=2).encode()
+    create_whole(out / BUILD_FILE, data)
     for _ in range(50):  # the exclusive-create fallback may show a half-written file briefly
         try:
             check_build_params(out, params)
@@ -143,7 +180,7 @@ def claim_build_params(out: Path, params: dict[str, Any]) -> None:
 
 
 def finish_dataset(
-    out: Path, params: dict[str, Any], entries: list[ShardEntry], image_format: str
+    out: Location, params: dict[str, Any], entries: list[ShardEntry], image_format: str
 ) -> dict[str, Any]:
     """Write ``rejects.jsonl``, ``manifest.json`` and the HF dataset card for a complete set
     of unit entries; return the manifest. A whole build and ``mvprep merge`` both end here,
@@ -176,7 +213,7 @@ def build(
     processes) or ``"ray"`` (``ray_address``, or a local Ray with ``workers`` CPUs).
     """
     started = time.perf_counter()
-    out = Path(options.out_dir)
+    out = location(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_DIR).mkdir(exist_ok=True)
     params = options.params()
@@ -197,8 +234,9 @@ def build(
 
     finished: dict[int, ShardEntry] = {}
     todo: list[UnitSpec] = []
+    listing = Listing(out)
     for spec in specs:
-        entry = unit_is_finished(out, spec)
+        entry = unit_is_finished(out, spec, listing)
         if entry is not None:
             finished[spec.unit] = entry
         else:
@@ -249,6 +287,8 @@ def build(
     try:
         for outcome in pool.run(todo):
             unit = outcome.spec.unit
+            if outcome.storage_error is not None:  # the store refuses: stop, one line
+                raise StorageError(outcome.storage_error)
             if outcome.result is not None:
                 finished[unit] = outcome.result
                 result.processed_units.append(unit)

@@ -17,6 +17,50 @@ from mvshards.think_block import DEFAULT_THINK_BLOCK, THINK_BLOCK_MODES
 PROFILE_CHOICE = click.Choice(sorted(PROFILES))
 
 
+class PathOrUrl(click.ParamType):
+    """A local path (checked like ``click.Path``) or an object-store URL (``s3://...``,
+    ``gs://...``, any fsspec URL: passed on as text, checked when opened)."""
+
+    name = "path_or_url"
+
+    def __init__(self, exists: bool = False, file_okay: bool = True) -> None:
+        self.local = click.Path(exists=exists, file_okay=file_okay, path_type=Path)
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        from mvshards.storage import is_url
+
+        if isinstance(value, str) and is_url(value):
+            return value
+        return self.local.convert(value, param, ctx)
+
+
+def storage_options_callback(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    """``--storage-options``: parsed, and made this process's (and its workers') defaults."""
+    from mvshards.storage import parse_storage_options, use_storage_options
+
+    try:
+        options = parse_storage_options(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    use_storage_options(options)
+    return options
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options",
+    default=None,
+    metavar="JSON",
+    expose_value=False,
+    is_eager=True,
+    callback=storage_options_callback,
+    help="fsspec options for s3://, gs://... URLs as a JSON object, e.g. "
+    '\'{"endpoint_url": "http://minio:9000"}\' (merged over $MVKIT_STORAGE_OPTIONS; '
+    "credentials otherwise come from the standard places: AWS_* variables, ~/.aws, "
+    "GOOGLE_APPLICATION_CREDENTIALS).",
+)
+"""``--storage-options`` of every command that takes a URL."""
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
     if hasattr(os, "sched_getaffinity"):
@@ -43,10 +87,15 @@ PROFILE = click.option(
 
 
 @main.command("build")
-@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("data", nargs=-1, required=True, type=PathOrUrl(exists=True))
 @click.option(
-    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
+    "--out",
+    "out_dir",
+    required=True,
+    type=PathOrUrl(),
+    help="Output folder, or an object-store URL (s3://bucket/prefix, gs://..., any fsspec URL).",
 )
+@STORAGE_OPTIONS
 @PROFILE
 @click.option(
     "--max-res",
@@ -185,8 +234,8 @@ PROFILE = click.option(
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build_command(
-    data: tuple[Path, ...],
-    out_dir: Path,
+    data: tuple[Path | str, ...],
+    out_dir: Path | str,
     profile: str,
     max_res: int | None,
     max_slice_nums: int | None,
@@ -212,7 +261,8 @@ def build_command(
 ) -> None:
     """Build shards from DATA files (JSON/JSONL in the MiniCPM-V, LLaVA, messages+images or
     ShareGPT+images shape, Parquet files, datasets.save_to_disk folders; several files, in
-    any mix of formats, are read as one sequence of records in the order given).
+    any mix of formats, are read as one sequence of records in the order given). DATA and
+    --out may be object-store URLs (s3://, gs://; pip install 'mvkit[s3]' / 'mvkit[gcs]').
 
     Keys are the record's position in that sequence (000000042), so a file's keys depend only
     on the files before it; with several files each sample's JSON and each reject also say
@@ -229,6 +279,7 @@ def build_command(
     from mvprep.runners.ray_runner import RayUnavailableError  # does not import ray
     from mvprep.summary import format_summary, reject_failure
     from mvshards.index import DatasetIndexError
+    from mvshards.storage import StorageError
 
     if max_res is None and max_slice_nums is None:
         max_res = 1344
@@ -269,7 +320,7 @@ def build_command(
             ray_address=ray_address,
             part=part,
         )
-    except (DatasetError, DatasetIndexError, RayUnavailableError) as exc:
+    except (DatasetError, DatasetIndexError, RayUnavailableError, StorageError) as exc:
         raise click.ClickException(str(exc)) from None
     except ConnectionError as exc:  # Ray could not reach --ray-address
         raise click.ClickException(f"--ray-address {ray_address}: {exc}") from None
@@ -287,9 +338,10 @@ def build_command(
 
 
 @main.command("merge")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=PathOrUrl(exists=True, file_okay=False))
 @click.option("--verify", "verify_hashes", is_flag=True, help="Also re-hash every shard.")
-def merge_command(out_dir: Path, verify_hashes: bool) -> None:
+@STORAGE_OPTIONS
+def merge_command(out_dir: Path | str, verify_hashes: bool) -> None:
     """After every --part build into OUT_DIR: check all shards, write manifest and rejects."""
     from mvprep.merge import merge
     from mvshards.index import DatasetIndexError
@@ -365,8 +417,9 @@ def layout_command(
 
 
 @main.command("verify")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def verify_command(out_dir: Path) -> None:
+@click.argument("out_dir", type=PathOrUrl(exists=True, file_okay=False))
+@STORAGE_OPTIONS
+def verify_command(out_dir: Path | str) -> None:
     """Re-hash and re-count every shard in OUT_DIR against its index."""
     from mvshards.verify import verify_dataset
 
@@ -376,7 +429,8 @@ def verify_command(out_dir: Path) -> None:
 
 
 @main.command("stats")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=PathOrUrl(exists=True, file_okay=False))
+@STORAGE_OPTIONS
 @click.option(
     "--png",
     callback=png_callback,
@@ -401,7 +455,11 @@ def verify_command(out_dir: Path) -> None:
     "folder (reads the shards' JSON, no image; what build --tokenizer would have counted).",
 )
 def stats_command(
-    out_dir: Path, png: Path | None, as_json: bool, lengths: Path | None, tokenizer: Path | None
+    out_dir: Path | str,
+    png: Path | None,
+    as_json: bool,
+    lengths: Path | None,
+    tokenizer: Path | None,
 ) -> None:
     """Counts, rejects and percentiles of a built dataset, from its index alone.
 
@@ -435,7 +493,8 @@ def stats_command(
 
 
 @main.command("inspect")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=PathOrUrl(exists=True, file_okay=False))
+@STORAGE_OPTIONS
 @click.argument("key", required=False)
 @click.option("--id", "record_id", default=None, help="Find the sample by its record id.")
 @click.option(
@@ -453,7 +512,7 @@ def stats_command(
 )
 @click.option("--full", is_flag=True, help="Print every image token, not [<unk> x N].")
 def inspect_command(
-    out_dir: Path,
+    out_dir: Path | str,
     key: str | None,
     record_id: str | None,
     png: Path | None,
@@ -511,6 +570,7 @@ IS_EXPECTED = expected_classes(
     "mvprep.tokens:TokenizerError",
     "mvprep.inspect_sample:InspectError",
     "mvprep.runners.ray_runner:RayUnavailableError",
+    "mvshards.storage:StorageError",
 )
 """The failures a user can act on: one line, no traceback."""
 

@@ -42,15 +42,19 @@ Imaging paths (recorded in ``build.json`` as ``imaging_path``; a resume, ``--par
 with another path is refused): ``opencv`` is the path above; ``simplejpeg`` (the optional
 ``mvkit[fastjpeg]`` extra) decodes JPEGs with simplejpeg's libjpeg-turbo instead, at the same
 1/k scales, falling back to the OpenCV and PIL decoders where it refuses a file. Measured on
-this machine both give identical pixels and cost about the same (``scripts/bench_prep.py``:
-0-5% less CPU per image with simplejpeg, within the noise; one 12 MP full-scale decode in
-isolation: 60 ms against OpenCV's 85 ms). Another libjpeg-turbo build may round
-differently, hence the record. :func:`default_imaging_path` picks ``simplejpeg`` when it is
-installed.
+this machine (``scripts/bench_prep.py``, its stage table) both give identical pixels; a 12 MP
+photo at 1/2 scale costs the same with either (~60 ms, of which ~43 ms is entropy decoding:
+what a 1/8 decode costs), at full scale simplejpeg is faster (~71 ms against ~87 ms).
+Another libjpeg-turbo build may round differently, hence the record.
+:func:`default_imaging_path` picks ``simplejpeg`` when it is installed.
 
-Threads: OpenCV's internal thread pool is set to 1 thread on first use here, since the build
-runs one worker process per core (extra threads only add contention and CPU time). A caller
-that wants OpenCV threads may call ``cv2.setNumThreads`` after the first call into this module.
+Process set-up (:func:`mvprep.image_modes.configure_process`, on the first call that touches
+pixels): OpenCV's internal thread pool is set to 1 thread, since the build runs one worker
+process per core (extra threads only add contention and CPU time; a caller that wants them may
+call ``cv2.setNumThreads`` after the first call into this module), and glibc's malloc is told
+to keep freed multi-MB buffers for the next image instead of returning them to the kernel,
+which saves the page faults of every decode and resize buffer (1700-3200 per 12 MP photo,
+8-16 ms of CPU in ``scripts/bench_prep.py``). Neither changes an output byte.
 
 Pillow's own decompression-bomb limit is process-global; when a caller asks for a larger
 ``max_pixels`` than Pillow allows, this module raises Pillow's limit to match (never lowers).
@@ -75,7 +79,7 @@ from mvprep.image_modes import (
     GRAY_MODES,
     JPEG_SUBSAMPLINGS,
     ORIENTATION_TAG,
-    configure_cv2,
+    configure_process,
     encode_image,
     extension_for,
     jpeg_is_complete,
@@ -267,7 +271,9 @@ def read_image_bytes(path: Path) -> bytes:
     Raises ImageError "missing file", "empty file" or "unreadable file" (a directory, no
     permission, an I/O error).
     """
-    path = Path(path)
+    from mvshards.storage import location  # a path or an object-store URL
+
+    path = location(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
@@ -458,7 +464,7 @@ def decode_stored(
     :func:`decode_rgb`. ``imaging_path`` (:data:`IMAGING_PATHS`): ``simplejpeg`` decodes
     JPEGs with simplejpeg first (ValueError when it is not installed).
     """
-    configure_cv2()
+    configure_process()
     k = _reduction(header, min_size)
     arr = None
     sw, sh = stored_size(header.size, header.orientation)

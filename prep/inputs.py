@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import posixpath
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,10 +43,12 @@ from mvprep.readers import (
     DatasetSource,
     RawRecord,
     SharedOffsets,
+    _stamp,
     adopt_offsets,
     open_dataset,
     share_offsets,
 )
+from mvshards.storage import Location, ObjectPath, location
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,8 @@ class InputFile:
         return self.start + self.source.num_records
 
     @property
-    def root(self) -> Path:
-        """The folder the file's image paths are relative to."""
+    def root(self) -> Location:
+        """The folder (or URL prefix) the file's image paths are relative to."""
         return self.source.root
 
 
@@ -124,22 +127,30 @@ class Inputs:
         return f"Inputs({[f.name for f in self.files]!r}, num_records={self.num_records})"
 
 
-def input_names(paths: Sequence[Path | str]) -> list[str]:
+def input_names(paths: Sequence[Location | str]) -> list[str]:
     """How each file is named in samples and rejects: its path relative to the deepest folder
-    holding all of them (``a.json``, ``more/b.jsonl``), so the names do not depend on the
-    current folder a build (or a part of it) was started from."""
-    resolved = [Path(p).resolve() for p in paths]
+    (or URL prefix) holding all of them (``a.json``, ``more/b.jsonl``), so the names do not
+    depend on the current folder a build (or a part of it) was started from. Files in
+    different stores are named by their full path or URL."""
+    resolved = [location(p).resolve() for p in paths]
     if len(resolved) == 1:
         return [resolved[0].name]
-    common = Path(os.path.commonpath([str(p.parent) for p in resolved]))
-    return [p.relative_to(common).as_posix() for p in resolved]
+    local = [p for p in resolved if isinstance(p, Path)]
+    if len(local) == len(resolved):
+        common = Path(os.path.commonpath([str(p.parent) for p in local]))
+        return [p.relative_to(common).as_posix() for p in local]
+    objects = [p for p in resolved if isinstance(p, ObjectPath)]
+    if len(objects) == len(resolved) and len({(p.protocol, p.bucket) for p in objects}) == 1:
+        base = posixpath.commonpath([posixpath.dirname(p.path) for p in objects])
+        return [posixpath.relpath(p.path, base) for p in objects]
+    return [str(p) for p in resolved]
 
 
-def check_distinct(paths: Sequence[Path | str]) -> None:
+def check_distinct(paths: Sequence[Location | str]) -> None:
     """ValueError when a file is given twice (the same file after resolving links)."""
-    seen: dict[Path, str] = {}
+    seen: dict[Location, str] = {}
     for p in paths:
-        resolved = Path(p).resolve()
+        resolved = location(p).resolve()
         if resolved in seen:
             raise ValueError(
                 f"data file {p} is given twice (also as {seen[resolved]}); give each file once "
@@ -153,14 +164,19 @@ _cache: OrderedDict[tuple[tuple[str, int, int], ...], Inputs] = OrderedDict()
 """(absolute path, size, mtime_ns) per file -> the opened inputs; this process only."""
 
 
-def _key(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...] | None:
+def _key(paths: Sequence[Location]) -> tuple[tuple[str, int, int], ...] | None:
     try:
-        stats = [os.stat(p) for p in paths]
+        stamps = [_stamp(p) if isinstance(p, ObjectPath) else _local_stamp(p) for p in paths]
     except OSError:
         return None  # let open_dataset name the missing file
     return tuple(
-        (str(p.absolute()), st.st_size, st.st_mtime_ns) for p, st in zip(paths, stats, strict=True)
+        (str(p.absolute()), size, mtime) for p, (size, mtime) in zip(paths, stamps, strict=True)
     )
+
+
+def _local_stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _remember(key: tuple[tuple[str, int, int], ...] | None, inputs: Inputs) -> None:
@@ -172,14 +188,14 @@ def _remember(key: tuple[tuple[str, int, int], ...] | None, inputs: Inputs) -> N
         _cache.popitem(last=False)
 
 
-def open_inputs(paths: Sequence[Path | str] | Path | str) -> Inputs:
-    """Open the data files (one or several) as one numbered sequence of records.
+def open_inputs(paths: Sequence[Location | str] | Location | str) -> Inputs:
+    """Open the data files (one or several; paths or URLs) as one numbered sequence of records.
 
     Raises :class:`mvprep.readers.DatasetError` when a file cannot be used (naming it).
     """
-    if isinstance(paths, str | Path):
+    if isinstance(paths, str | Path | ObjectPath):
         paths = [paths]
-    paths = [Path(p) for p in paths]
+    paths = [location(p) for p in paths]
     check_distinct(paths)
     key = _key(paths)
     cached = _cache.get(key) if key is not None else None
@@ -203,11 +219,11 @@ def share_inputs(inputs: Inputs) -> list[SharedOffsets]:
     return [share_offsets(f.source) for f in inputs.files]
 
 
-def adopt_inputs(shared: Sequence[SharedOffsets], paths: Sequence[Path | str]) -> None:
+def adopt_inputs(shared: Sequence[SharedOffsets], paths: Sequence[Location | str]) -> None:
     """Use offsets indexed by another process for ``paths``: each file is opened right after
     its offsets are adopted, and the opened set is kept for :func:`open_inputs`. A file that
     changed since is simply indexed again when opened."""
-    paths = [Path(p) for p in paths]
+    paths = [location(p) for p in paths]
     key = _key(paths)
     if key is None or key in _cache:
         return

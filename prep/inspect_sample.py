@@ -21,12 +21,13 @@ are seeked over) and, failing that, the index's rejects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -37,6 +38,7 @@ from mvshards.index import entry_path, read_manifest
 from mvshards.layout import compute_layout, num_image_tokens
 from mvshards.profiles import get_profile
 from mvshards.schema import ImageEntry, SampleMeta, sample_key
+from mvshards.storage import Location, location, open_read
 
 PANEL = 640
 """Longest side, in pixels, of the main (refine) image as drawn."""
@@ -77,7 +79,7 @@ class Inspection:
     """One sample: its meta, where it lives, the picture and the text the model sees."""
 
     meta: SampleMeta
-    shard: Path
+    shard: Location
     image: Image.Image
     panels: list[ImagePanel]
     turns: list[dict[str, str]]
@@ -104,21 +106,28 @@ def normalise_key(key: str) -> str:
     return sample_key(int(text))
 
 
-def shard_of_key(out: Path, key: str) -> Path:
+def shard_of_key(out: Location | str, key: str) -> Location:
     """The shard whose record range holds sample ``key`` (the manifest alone)."""
     manifest = read_manifest(out)
     record = int(normalise_key(key))
     for item in manifest["shards"]:
         start, stop = item["record_range"]
         if start <= record < stop:
-            return Path(out) / item["shard"]
+            return location(out) / item["shard"]
     raise InspectError(f"{out}: no shard holds record {record} (key {key}); see manifest.json")
 
 
-def read_members(shard: Path, key: str) -> dict[str, bytes]:
+@contextlib.contextmanager
+def _open_tar(shard: Location) -> Iterator[tarfile.TarFile]:
+    """A shard (a file or an object) opened for random access."""
+    with open_read(shard) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        yield tar
+
+
+def read_members(shard: Location, key: str) -> dict[str, bytes]:
     """``{ext: bytes}`` of sample ``key``, reading only its members' bytes."""
     found: dict[str, bytes] = {}
-    with tarfile.open(shard, mode="r:") as tar:
+    with _open_tar(shard) as tar:
         for member in tar:
             name_key, _, ext = member.name.partition(".")
             if name_key == key:
@@ -130,13 +139,13 @@ def read_members(shard: Path, key: str) -> dict[str, bytes]:
     return found
 
 
-def find_by_id(out: Path, record_id: str) -> tuple[Path, str]:
+def find_by_id(out: Location | str, record_id: str) -> tuple[Location, str]:
     """``(shard, key)`` of the first sample whose record id is ``record_id``."""
-    out = Path(out)
+    out = location(out)
     manifest = read_manifest(out)
     for item in manifest["shards"]:
         shard = out / item["shard"]
-        with tarfile.open(shard, mode="r:") as tar:
+        with _open_tar(shard) as tar:
             for member in tar:
                 if not member.name.endswith(".json"):
                     continue
@@ -150,7 +159,7 @@ def find_by_id(out: Path, record_id: str) -> tuple[Path, str]:
     raise InspectError(f"{out}: no sample or reject has record id {record_id!r}")
 
 
-def _raise_if_rejected(out: Path, unit: int, match: Any) -> None:
+def _raise_if_rejected(out: Location, unit: int, match: Any) -> None:
     """Raise InspectError naming the reason when a reject of ``unit`` satisfies ``match``."""
     try:
         entry = json.loads(entry_path(out, unit).read_bytes())
@@ -364,13 +373,13 @@ def compact_text(text: str, query: str) -> str:
 
 
 def inspect_sample(
-    out: Path,
+    out: Location | str,
     key: str | None = None,
     record_id: str | None = None,
     tokens: SpanTokens | None = None,
 ) -> Inspection:
     """Find a sample by ``key`` or ``record_id``, draw it and build its placeholder text."""
-    out = Path(out)
+    out = location(out)
     if (key is None) == (record_id is None):
         raise InspectError("give a sample KEY or --id ID (one of them)")
     if record_id is not None:

@@ -14,10 +14,10 @@ import json
 import re
 from array import array
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from mvprep.records import json_type_name
+from mvshards.storage import Location, open_read, read_range
 
 CHUNK_BYTES = 1 << 20
 """Bytes read at a time (an element longer than this makes the window grow)."""
@@ -35,7 +35,7 @@ class JsonListError(ValueError):
 class _Window:
     """A decoded window on a UTF-8 file that knows the file byte offset of its read position."""
 
-    def __init__(self, f: BinaryIO, path: Path, start_byte: int, chunk_bytes: int) -> None:
+    def __init__(self, f: BinaryIO, path: Location, start_byte: int, chunk_bytes: int) -> None:
         self.f, self.path = f, path
         self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self.text = ""
@@ -112,10 +112,10 @@ class _Window:
         )
 
 
-def _line_column(path: Path, byte: int) -> tuple[int, int]:
+def _line_column(path: Location, byte: int) -> tuple[int, int]:
     """1-based line and column (in characters) of file byte offset ``byte``."""
     line, line_start, pos = 1, 0, 0
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         while pos < byte:
             block = f.read(min(1 << 20, byte - pos))
             if not block:
@@ -130,14 +130,14 @@ def _line_column(path: Path, byte: int) -> tuple[int, int]:
     return line, len(head.decode("utf-8", errors="replace")) + 1
 
 
-def index_json_list(path: Path, chunk_bytes: int = CHUNK_BYTES) -> array:
+def index_json_list(path: Location, chunk_bytes: int = CHUNK_BYTES) -> array:
     """Offsets of the elements of the JSON list in ``path``; raises :class:`JsonListError`.
 
     Returns ``array('q')`` of ``n + 1`` numbers: element ``i`` starts at byte ``offsets[i]``
     and its bytes, possibly followed by whitespace and a comma, run to ``offsets[i + 1]``;
     ``offsets[n]`` is where the last element ends. An empty list gives ``[start]``.
     """
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         head = f.read(len(_BOM))
         start = len(_BOM) if head == _BOM else 0
         f.seek(start)
@@ -186,15 +186,13 @@ def _refuse_non_list(window: _Window, first: str) -> None:
 
 
 def read_elements(
-    path: Path, offsets: Sequence[int], start: int, stop: int
+    path: Location, offsets: Sequence[int], start: int, stop: int
 ) -> Iterator[tuple[int, Any]]:
     """``(index, parsed element)`` for elements ``[start, stop)``: one seek, one read."""
     if start >= stop:
         return
     base = int(offsets[start])
-    with open(path, "rb") as f:
-        f.seek(base)
-        block = f.read(int(offsets[stop]) - base)
+    block = read_range(path, base, int(offsets[stop]))
     for index in range(start, stop):
         a, b = int(offsets[index]) - base, int(offsets[index + 1]) - base
         text = block[a:b].decode("utf-8")

@@ -12,10 +12,9 @@ parts and shards named. Running it again rewrites the same bytes (idempotent).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from mvprep.build import finish_dataset, unit_is_finished
+from mvprep.build import Listing, finish_dataset, unit_is_finished
 from mvprep.inputs import open_inputs
 from mvprep.partition import part_of, read_markers
 from mvprep.readers import DatasetError
@@ -28,6 +27,7 @@ from mvshards.index import (
     read_entry,
     shard_name,
 )
+from mvshards.storage import Location, location
 
 _LISTED = 10
 """Missing shards named in the message (the count is always given)."""
@@ -41,14 +41,14 @@ class MergeIncompleteError(DatasetIndexError):
 class MergeResult:
     """What merge wrote: the manifest and the entries it summarises."""
 
-    out: Path
+    out: Location
     manifest: dict[str, Any]
     entries: list[ShardEntry]
 
 
-def merge(out: Path | str, verify_hashes: bool = False) -> MergeResult:
+def merge(out: Location | str, verify_hashes: bool = False) -> MergeResult:
     """Write the dataset files of OUT once every unit is finished; see the module docstring."""
-    out = Path(out)
+    out = location(out)
     params = read_build_params(out)
     if params is None:
         raise IndexMissingError(
@@ -60,8 +60,12 @@ def merge(out: Path | str, verify_hashes: bool = False) -> MergeResult:
     specs = plan_units(num_records, int(params["samples_per_shard"]))
     entries: list[ShardEntry] = []
     missing: list[int] = []
+    listing = Listing(out)
     for spec in specs:
-        entry = unit_is_finished(out, spec) if verify_hashes else _looks_finished(out, spec)
+        if verify_hashes:
+            entry = unit_is_finished(out, spec, listing)
+        else:
+            entry = _looks_finished(out, spec, listing)
         if entry is None:
             missing.append(spec.unit)
         else:
@@ -72,21 +76,19 @@ def merge(out: Path | str, verify_hashes: bool = False) -> MergeResult:
     return MergeResult(out=out, manifest=manifest, entries=entries)
 
 
-def _looks_finished(out: Path, spec: UnitSpec) -> ShardEntry | None:
+def _looks_finished(out: Location, spec: UnitSpec, listing: Listing) -> ShardEntry | None:
     """The unit's entry when it matches the unit and its shard has the entry's size."""
+    if not listing.may_have_entry(out, spec.unit):
+        return None
     entry = read_entry(out, spec.unit)
     if entry is None or entry.record_range != [spec.start, spec.stop]:
         return None
-    shard = out / entry.shard
-    try:
-        if shard.stat().st_size != entry.num_bytes:
-            return None
-    except FileNotFoundError:
+    if listing.size(out, entry.shard) != entry.num_bytes:
         return None
     return entry
 
 
-def _num_records(out: Path, params: dict[str, Any], markers: list[dict[str, Any]]) -> int:
+def _num_records(out: Location, params: dict[str, Any], markers: list[dict[str, Any]]) -> int:
     """The record count the parts planned with (from their markers), else the data files'."""
     counts = {int(m["num_records"]) for m in markers if "num_records" in m}
     if len(counts) > 1:
@@ -107,7 +109,7 @@ def _num_records(out: Path, params: dict[str, Any], markers: list[dict[str, Any]
 
 
 def _describe_missing(
-    out: Path, missing: list[int], num_units: int, markers: list[dict[str, Any]]
+    out: Location, missing: list[int], num_units: int, markers: list[dict[str, Any]]
 ) -> str:
     shards = ", ".join(shard_name(u) for u in missing[:_LISTED])
     if len(missing) > _LISTED:

@@ -12,6 +12,7 @@ from mvprep.tokens import token_counter_fingerprint
 from mvshards.layout import max_slice_nums_for_res
 from mvshards.lengths_cache import FINGERPRINT_PARAM
 from mvshards.profiles import DEFAULT_PROFILE, ImageIdForm, get_profile
+from mvshards.storage import Location, location
 from mvshards.think_block import DEFAULT_THINK_BLOCK, check_think_block
 
 IMAGE_FORMATS = ("jpeg", "png", "webp")
@@ -25,9 +26,11 @@ class BuildOptions:
     build runs, never what it writes.
     """
 
-    data_path: Path | tuple[Path, ...]
-    """The data file, or several (a tuple; one sequence of records, see :mod:`mvprep.inputs`)."""
-    out_dir: Path
+    data_path: Location | tuple[Location, ...]
+    """The data file, or several (a tuple; one sequence of records, see :mod:`mvprep.inputs`).
+    Paths or object-store URLs (:mod:`mvshards.storage`)."""
+    out_dir: Location
+    """The output folder, or an object-store URL (``s3://bucket/prefix``)."""
     profile: str = DEFAULT_PROFILE
     max_res: int | None = 1344
     max_slice_nums: int | None = None
@@ -58,12 +61,15 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.data_path, list | tuple):
-            paths = tuple(Path(p) for p in self.data_path)
+            paths = tuple(location(p) for p in self.data_path)
             if not paths:
                 raise ValueError("give at least one data file")
             check_distinct(paths)
             # one file is stored as a plain path: its build.json is what it always was
             object.__setattr__(self, "data_path", paths[0] if len(paths) == 1 else paths)
+        else:
+            object.__setattr__(self, "data_path", location(self.data_path))
+        object.__setattr__(self, "out_dir", location(self.out_dir))
         get_profile(self.profile)
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"--format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
@@ -85,11 +91,11 @@ class BuildOptions:
         object.__setattr__(self, "imaging_path", check_imaging_path(path))
 
     @property
-    def data_paths(self) -> tuple[Path, ...]:
+    def data_paths(self) -> tuple[Location, ...]:
         """The data files, in order (one or several)."""
         if isinstance(self.data_path, tuple):
             return self.data_path
-        return (Path(self.data_path),)
+        return (location(self.data_path),)
 
     @property
     def resolved_max_slice_nums(self) -> int:
@@ -106,7 +112,7 @@ class BuildOptions:
     def params(self) -> dict[str, Any]:
         """The parameters recorded in ``build.json`` and the manifest (paths as strings)."""
         raw = asdict(self)
-        files = [str(Path(p).resolve()) for p in self.data_paths]
+        files = [str(location(p).resolve()) for p in self.data_paths]
         raw["data_path"] = files[0] if len(files) == 1 else files
         raw.pop("out_dir")
         raw["max_slice_nums"] = self.resolved_max_slice_nums

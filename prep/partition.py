@@ -21,9 +21,9 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from mvshards.storage import Location, location
 from mvshards.tario import write_atomic
 
 PARTS_DIR = "parts"
@@ -69,13 +69,13 @@ def part_of(unit: int, count: int) -> int:
     return unit % count + 1
 
 
-def marker_path(out: Path, part: Part) -> Path:
+def marker_path(out: Location | str, part: Part) -> Location:
     """``OUT/parts/0003-of-0016.json``."""
-    return Path(out) / PARTS_DIR / f"{part.index:04d}-of-{part.count:04d}.json"
+    return location(out) / PARTS_DIR / f"{part.index:04d}-of-{part.count:04d}.json"
 
 
 def write_marker(
-    out: Path,
+    out: Location | str,
     part: Part,
     state: str,
     num_records: int,
@@ -100,10 +100,10 @@ def write_marker(
     write_atomic(path, json.dumps(body, indent=1, sort_keys=True).encode())
 
 
-def read_markers(out: Path) -> list[dict[str, Any]]:
+def read_markers(out: Location | str) -> list[dict[str, Any]]:
     """Every readable part marker in ``OUT/parts`` (unreadable ones are skipped)."""
     markers = []
-    for path in sorted((Path(out) / PARTS_DIR).glob("*-of-*.json")):
+    for path in sorted((location(out) / PARTS_DIR).glob("*-of-*.json")):
         try:
             body = json.loads(path.read_bytes())
             Part(int(body["part"]), int(body["parts"]))

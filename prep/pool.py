@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from mvprep.image_modes import opencv_safe_to_fork
 from mvprep.unit import UnitEvents, UnitSpec
 from mvshards.processes import die_with_parent
+from mvshards.storage import StorageError
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class UnitOutcome:
     deaths: list[str] = field(default_factory=list)
     gave_up: bool = False
     """True when the unit kept killing its workers and the pool stopped retrying it."""
+    storage_error: str | None = None
+    """Set when the unit failed with a :class:`mvshards.storage.StorageError` (the store
+    refused or kept failing, retries done): one line; the build stops with it."""
 
 
 def _worker_main(
@@ -73,6 +78,8 @@ def _worker_main(
         )
         try:
             result = fn(spec, *args, events=events)
+        except StorageError as exc:
+            conn.send(("storage_error", str(exc)))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
         else:
@@ -111,9 +118,9 @@ class UnitPool:
         self.fn, self.args = fn, args
         self.policy = policy or RetryPolicy()
         self.on_image, self.on_record_done, self.on_death = on_image, on_record_done, on_death
-        # fork: cheapest, and the build's parent process never runs OpenCV itself. A notebook
-        # that used OpenCV's thread pool before calling build() should call
-        # cv2.setNumThreads(1) first: a forked child can block on a pool thread it lacks.
+        # fork: cheapest; run() keeps the parent's OpenCV at one thread meanwhile
+        # (image_modes.opencv_safe_to_fork), so a parent that used OpenCV's thread pool before
+        # (a notebook) forks children that can use OpenCV.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         self._ctx = mp.get_context(method)
 
@@ -132,6 +139,9 @@ class UnitPool:
         unit_deaths: dict[int, int] = {}
         death_notes: dict[int, list[str]] = {}
         skips: dict[int, dict[int, str]] = {spec.unit: dict(spec.skip) for spec in specs}
+        forking = contextlib.ExitStack()
+        if self._ctx.get_start_method() == "fork":
+            forking.enter_context(opencv_safe_to_fork())
         pool = [self._start_worker() for _ in range(min(self.workers, len(specs)))]
         try:
             while pending or any(w.spec is not None for w in pool):
@@ -184,6 +194,7 @@ class UnitPool:
                 if worker.process.is_alive():
                     worker.process.kill()
                     worker.process.join()
+            forking.close()
 
     def _wait_timeout(self, pool: list[_Worker]) -> float | None:
         if self.policy.unit_timeout is None:
@@ -216,12 +227,13 @@ class UnitPool:
             elif kind == "record_done":
                 worker.record = None
                 self.on_record_done()
-            elif kind in ("done", "error"):
+            elif kind in ("done", "error", "storage_error"):
                 spec, worker.spec, worker.record = worker.spec, None, None
                 assert spec is not None
                 if kind == "done":
                     return UnitOutcome(spec=spec, result=payload), False
-                return UnitOutcome(spec=spec, failure=payload), False
+                storage_error = payload if kind == "storage_error" else None
+                return UnitOutcome(spec=spec, failure=payload, storage_error=storage_error), False
 
     def _blame(
         self,

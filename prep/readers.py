@@ -29,10 +29,16 @@ valid JSON) raise :class:`DatasetError`; a bad record never does.
 Parquet files (``.parquet``, or starting with ``PAR1``) and ``datasets.save_to_disk``
 folders (a folder with ``state.json``) are read by :mod:`mvprep.arrow_sources` (pyarrow, the
 ``parquet`` extra), rows addressed by position the same way.
+
+A data file may be an object-store URL (``s3://bucket/data.jsonl``, see
+:mod:`mvshards.storage`): it is read with ranged GETs, its size and ETag stand in for the
+file's size and mtime, and its image paths are relative to its "folder" (prefix) there.
+``save_to_disk`` folders must be local.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -47,6 +53,7 @@ import numpy as np
 
 from mvprep.json_index import JsonListError, index_json_list, read_elements
 from mvprep.records import MALFORMED, RecordError, json_type_name
+from mvshards.storage import Location, ObjectPath, location, open_read, read_range
 
 DatasetFormat = Literal["json", "jsonl", "parquet", "hf-disk"]
 Offsets = array | np.ndarray
@@ -71,8 +78,8 @@ class DatasetSource:
     of Parquet row groups / Arrow files (see the subclasses).
     """
 
-    path: Path
-    root: Path
+    path: Location
+    root: Location
     num_records: int
     format: DatasetFormat
     offsets: Offsets
@@ -86,7 +93,7 @@ class DatasetSource:
         """
         raise NotImplementedError
 
-    def _open(self, path: Path, indexer: Any) -> None:
+    def _open(self, path: Location, indexer: Any) -> None:
         """Set ``path``/``root`` and index the file once (cached per process)."""
         self.path = path
         self.root = path.absolute().parent
@@ -114,7 +121,7 @@ class JsonListSource(DatasetSource):
 
     format: DatasetFormat = "json"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self._open(path, _index_json)  # offsets[i]: element i's byte offset; [n]: the end
         self.num_records = len(self.offsets) - 1
 
@@ -134,7 +141,7 @@ class JsonLinesSource(DatasetSource):
 
     format: DatasetFormat = "jsonl"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self._open(path, _index_lines)  # offsets[i]: byte offset of record i's line
         self.num_records = len(self.offsets)
 
@@ -142,7 +149,7 @@ class JsonLinesSource(DatasetSource):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return
-        with open(self.path, "rb") as f:
+        with open_read(self.path) as f:
             f.seek(self.offsets[start])
             for index in range(start, stop):
                 pos = self.offsets[index]
@@ -152,10 +159,10 @@ class JsonLinesSource(DatasetSource):
                 yield index, _parse_line(line, index, self.path, pos)
 
 
-def open_dataset(path: Path | str) -> DatasetSource:
-    """Open a dataset file (JSON list, JSON Lines, Parquet) or a ``datasets.save_to_disk``
-    folder; see the module docstring."""
-    path = Path(path)
+def open_dataset(path: Location | str) -> DatasetSource:
+    """Open a dataset file (JSON list, JSON Lines, Parquet; a path or a URL) or a
+    ``datasets.save_to_disk`` folder; see the module docstring."""
+    path = location(path)
     fmt = detect_format(path)
     if fmt == "json":
         return JsonListSource(path)
@@ -168,8 +175,17 @@ def open_dataset(path: Path | str) -> DatasetSource:
     return ArrowFolderSource(path)
 
 
-def detect_format(path: Path) -> DatasetFormat:
+def detect_format(path: Location) -> DatasetFormat:
     """How ``path`` is read: ``json``, ``jsonl``, ``parquet`` or ``hf-disk``."""
+    if isinstance(path, ObjectPath):
+        if path.is_file():
+            return _detect_format(path)
+        if (path / "state.json").is_file():
+            raise DatasetError(
+                f"{path} is a datasets.save_to_disk folder in an object store: copy it to a "
+                "local folder, or write it as Parquet files (Dataset.to_parquet)"
+            )
+        raise DatasetError(f"dataset file {path} not found; check the URL")
     if not path.exists():
         raise DatasetError(f"dataset file {path} not found; check the path")
     if path.is_dir():
@@ -189,7 +205,7 @@ def check_input_format(path: Path | str, input_format: str) -> None:
     that ``path`` is not; record shapes are checked per record."""
     if input_format not in ("parquet", "hf-disk"):
         return
-    found = detect_format(Path(path))
+    found = detect_format(location(path))
     if found != input_format:
         raise DatasetError(
             f"--input-format {input_format}, but {path} is read as {found}; give a "
@@ -198,7 +214,7 @@ def check_input_format(path: Path | str, input_format: str) -> None:
         )
 
 
-def _detect_format(path: Path) -> DatasetFormat:
+def _detect_format(path: Location) -> DatasetFormat:
     suffix = path.suffix.lower()
     if suffix == ".json":
         return "json"
@@ -206,8 +222,7 @@ def _detect_format(path: Path) -> DatasetFormat:
         return "jsonl"
     if suffix == ".parquet":
         return "parquet"
-    with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
+    head = read_range(path, 0, _SNIFF_BYTES)
     if head.startswith(_PARQUET_MAGIC):
         return "parquet"
     head = head.removeprefix(_BOM).lstrip()
@@ -223,7 +238,7 @@ def _detect_format(path: Path) -> DatasetFormat:
     )
 
 
-def _index_json(path: Path) -> array:
+def _index_json(path: Location) -> array:
     try:
         return index_json_list(path)
     except JsonListError as exc:
@@ -255,9 +270,9 @@ def adopt_offsets(shared: SharedOffsets) -> bool:
     file here is not the one they were made from (other size or mtime)."""
     fmt, path, size, mtime = shared.key
     try:
-        if _stamp(Path(path)) != (size, mtime):
+        if _stamp(location(path)) != (size, mtime):
             return False
-    except OSError:
+    except (OSError, ValueError):
         return False
     if shared.key not in _offsets_cache:
         _offsets_cache[shared.key] = shared.offsets
@@ -267,7 +282,7 @@ def adopt_offsets(shared: SharedOffsets) -> bool:
 
 
 def _cached_offsets(
-    path: Path, stamp: tuple[int, int], fmt: str, index: Callable[[Path], array]
+    path: Location, stamp: tuple[int, int], fmt: str, index: Callable[[Location], array]
 ) -> Offsets:
     """The offsets of ``path`` as of ``stamp``, computed at most once per process and stamp."""
     key = (fmt, str(path.absolute()), *stamp)
@@ -282,10 +297,11 @@ def _cached_offsets(
     return offsets
 
 
-def _index_lines(path: Path) -> array:
+def _index_lines(path: Location) -> array:
     offsets = array("q")
     pos = 0
-    with open(path, "rb", buffering=1 << 20) as f:
+    local = not isinstance(path, ObjectPath)
+    with open(path, "rb", buffering=1 << 20) if local else open_read(path) as f:
         for line in f:
             body = line.removeprefix(_BOM) if pos == 0 else line
             if body.strip():
@@ -296,7 +312,7 @@ def _index_lines(path: Path) -> array:
     return offsets
 
 
-def _parse_line(line: bytes, index: int, path: Path, pos: int) -> dict[str, Any] | RecordError:
+def _parse_line(line: bytes, index: int, path: Location, pos: int) -> dict[str, Any] | RecordError:
     """Parse the line of record ``index`` (at byte ``pos``) or describe why it is malformed."""
     if pos == 0:
         line = line.removeprefix(_BOM)
@@ -313,7 +329,7 @@ def _parse_line(line: bytes, index: int, path: Path, pos: int) -> dict[str, Any]
     return obj
 
 
-def _not_an_object(obj: Any, index: int, path: Path, where: str) -> RecordError:
+def _not_an_object(obj: Any, index: int, path: Location, where: str) -> RecordError:
     return RecordError(
         MALFORMED,
         f"record {index} ({path.name}, {where}) is a JSON {json_type_name(obj)}, not an object; "
@@ -321,9 +337,14 @@ def _not_an_object(obj: Any, index: int, path: Path, where: str) -> RecordError:
     )
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Location) -> tuple[int, int]:
     """Size and mtime of a file; of a folder (save_to_disk), the total size of its files and
-    the latest mtime, so rewriting a file in it counts as a change."""
+    the latest mtime, so rewriting a file in it counts as a change. Of an object, its size
+    and a number made from its version (ETag) and modification time."""
+    if isinstance(path, ObjectPath):
+        found = path.stat()
+        version = f"{found.version}@{found.st_mtime_ns}".encode()
+        return found.st_size, int(hashlib.sha256(version).hexdigest()[:15], 16)
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         return st.st_size, st.st_mtime_ns

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from mvshards.conversation import MULTI_IMAGE_PATTERN, SINGLE_IMAGE_NAME, is_multi_image_name
+from mvshards.storage import Location, ObjectPath, is_url, location
 
 MALFORMED = "malformed record"
 NO_CONVERSATIONS = "no conversations"
@@ -525,7 +526,7 @@ def _check_no_placeholders(conversations: list[dict[str, str]], where: str) -> N
             )
 
 
-def resolve_image_path(root: Path, path: str, allow_outside_root: bool) -> Path:
+def resolve_image_path(root: Location, path: str, allow_outside_root: bool) -> Location:
     """The file an image path names: ``path`` relative to ``root`` (the data file's folder).
 
     Symlinks are resolved before the check, so a link inside the folder that points outside
@@ -533,18 +534,47 @@ def resolve_image_path(root: Path, path: str, allow_outside_root: bool) -> Path:
     that end outside ``root`` raise :class:`RecordError` ("path outside data folder") unless
     ``allow_outside_root``. Returns the resolved path; whether the file exists is for the
     decoder to find out.
+
+    URLs (:mod:`mvshards.storage`): with a data file in an object store, ``root`` is its
+    prefix and a relative path resolves under it (``s3://b/data/img/1.jpg``); an image path
+    may itself be a URL (``s3://b/data/img/1.jpg``), inside ``root`` when under its prefix.
+    A local path from a data file in a store, or a URL from a local data file, is outside.
     """
     if not path or not path.strip():
         raise RecordError(MISSING_IMAGE_PATH, "empty image path; give the image file's path")
+    if isinstance(root, ObjectPath) or is_url(path):
+        return _resolve_in_store(root, path, allow_outside_root)
     try:
         base = Path(root).resolve()
         resolved = (base / path).resolve()  # an absolute path replaces base
     except (OSError, ValueError, RuntimeError) as exc:
         raise RecordError(MALFORMED, f"image path {path!r} cannot be resolved: {exc}") from exc
     if not allow_outside_root and not resolved.is_relative_to(base):
-        raise RecordError(
-            PATH_OUTSIDE_ROOT,
-            f"image path {path!r} resolves to {resolved}, outside the data folder {base}; "
-            "move the image under the data folder or pass --allow-outside-root to allow it",
-        )
+        raise _outside(path, resolved, base)
     return resolved
+
+
+def _resolve_in_store(root: Location, path: str, allow_outside_root: bool) -> Location:
+    """:func:`resolve_image_path` when the root or the path is a URL."""
+    try:
+        if is_url(path):
+            options = root.options if isinstance(root, ObjectPath) else None
+            resolved: Location = location(path, options).resolve()
+        elif isinstance(root, ObjectPath) and not path.startswith("/"):
+            resolved = root / path
+        else:
+            resolved = (Path(root) / path).resolve()  # a local path
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RecordError(MALFORMED, f"image path {path!r} cannot be resolved: {exc}") from exc
+    inside = type(resolved) is type(root) and resolved.is_relative_to(root)  # type: ignore[arg-type]
+    if not allow_outside_root and not inside:
+        raise _outside(path, resolved, root)
+    return resolved
+
+
+def _outside(path: str, resolved: Location, base: Location) -> RecordError:
+    return RecordError(
+        PATH_OUTSIDE_ROOT,
+        f"image path {path!r} resolves to {resolved}, outside the data folder {base}; "
+        "move the image under the data folder or pass --allow-outside-root to allow it",
+    )

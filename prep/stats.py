@@ -42,6 +42,7 @@ from mvshards.image_table import (
 from mvshards.index import IndexMissingError, entry_path, read_manifest
 from mvshards.profiles import DEFAULT_PROFILE, get_profile
 from mvshards.schema import SampleMeta
+from mvshards.storage import Location, location, open_read
 from mvshards.units import nearest_rank
 
 PERCENTILES = (50, 90, 99)
@@ -52,7 +53,7 @@ _BUDGET_KEYS = ("token_budget", "patch_budget")
 class IndexArrays:
     """A dataset's index as numpy arrays: per sample, and per image when the index has them."""
 
-    out: Path
+    out: Location
     manifest: dict[str, Any]
     tokens: np.ndarray
     patches: np.ndarray
@@ -87,9 +88,10 @@ class IndexArrays:
         return ESTIMATE_LABEL
 
 
-def load_index_arrays(out: Path) -> IndexArrays:
-    """Read ``manifest.json`` and every ``index/NNNNNN.json`` of a finished build (no tar)."""
-    out = Path(out)
+def load_index_arrays(out: Location | str) -> IndexArrays:
+    """Read ``manifest.json`` and every ``index/NNNNNN.json`` of a finished build (no tar);
+    ``out`` may be an object-store URL."""
+    out = location(out)
     manifest = read_manifest(out)
     sample_cols: list[np.ndarray] = []
     image_cols: list[ImageColumns] = []
@@ -197,7 +199,7 @@ def use_exact_tokens(
     position = {str(key): i for i, key in enumerate(index.keys.tolist())}
     tokens = np.asarray(index.num_tokens, dtype=np.int64).copy()
     for shard in index.shard_paths():
-        with tarfile.open(shard) as tar:
+        with open_read(shard) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for member in tar:
                 if not (member.isfile() and member.name.endswith(".json")):
                     continue

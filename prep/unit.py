@@ -1,7 +1,8 @@
 """The work unit: a fixed run of input records -> exactly one shard and its index entry.
 
 Unit ``u`` holds records ``[u * samples_per_shard, (u + 1) * samples_per_shard)`` and writes
-``NNNNNN.tar`` (``NNNNNN = u``) then ``index/NNNNNN.json``. The same function runs under every
+``NNNNNN.tar`` (``NNNNNN = u``) then ``index/NNNNNN.json`` (with each sample's byte range in
+the tar, as the writer saw it). The same function runs under every
 runner, so the output never depends on how many workers there were or which one ran it.
 """
 
@@ -13,7 +14,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mvprep.imaging import ImageError, check_imaging_path
@@ -24,6 +24,7 @@ from mvprep.sample_builder import SampleTooLongError, build_sample
 from mvprep.tokens import make_token_counter
 from mvshards.image_table import IMAGE_TABLE_KEY, add_image_rows, new_image_table
 from mvshards.index import ShardEntry, shard_name, write_entry
+from mvshards.storage import location
 from mvshards.tario import ShardWriter
 
 WORKER_DIED = "worker died"
@@ -112,7 +113,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
     inputs = open_inputs(options.data_paths)
     counter = make_token_counter(options.tokenizer, options.profile)
 
-    out = Path(options.out_dir)
+    out = location(options.out_dir)
     rows: list[list[Any]] = []
     channels: list[str | None] = []
     rejects: list[dict[str, Any]] = []
@@ -176,6 +177,7 @@ def run_unit(spec: UnitSpec, options: BuildOptions, events: UnitEvents | None = 
             IMAGE_TABLE_KEY: image_table,
         },
         channels=channels if any(c is not None for c in channels) else None,
+        sample_offsets=list(info.sample_offsets),  # one ranged read per sample, no walk
     )
     write_entry(out, entry)
     return entry

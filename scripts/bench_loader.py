@@ -19,28 +19,36 @@ micro-batches in the same order through:
     the full decode to the source and to the refine size, PIL crop of the slices,
     ``ToTensor`` + ``Normalize(0.5, 0.5)``, ``reshape_by_patch`` (``unfold``) to
     ``[3, 14, L*14]``. Tokenization is ``mvtrain.data.tokenize.tokenize_sample`` with the tiny
-    tokenizer on the same conversation (equal text work), collation
-    ``Native46Adapter.collate`` (equal collate work). Two variants:
+    tokenizer on the same conversation (equal text work); collation pads the tokens with
+    ``Native46Adapter.host_batch`` and concatenates the float patches (:class:`FloatCollate`,
+    the trainer's collation before its pixels went to the device as uint8). Two variants:
     ``official+exif`` applies ``ImageOps.exif_transpose`` after opening (what a correct
     loader must do, and what mvprep does once at build time); ``official`` does not, as the
     official code (``Image.open(path).convert("RGB")``): it trains on sideways phone photos
     with transposed slice grids.
 (b) ``ours``: ``PlannedBatches.build`` over the planned micro-batches: read the members by
     key from the tar (one header scan per shard, included), decode the small stored JPEGs,
-    cut the refine image into slices, normalise, tokenize, collate.
+    cut the refine image into slices (views), tokenize, collate (tokens padded, the uint8
+    (sub)images packed into one :class:`~mvtrain.model.pixel_input.PixelPack`). Normalising
+    and patchifying run on the training device
+    (:func:`~mvtrain.model.pixel_input.model_inputs`), not in the loader: the bench times
+    that conversion once more on this CPU, for scale, and keeps it out of the loader's time.
 
 Checks (asserted): per sample, ``official+exif`` and ``ours`` give the same ``tgt_sizes``,
-the same per-(sub)image tensor shapes and the same ``input_ids``, and the collated batches
-have equal shapes; ``official`` (no EXIF) differs exactly on the EXIF-rotated photos.
+the same per-(sub)image tensor shapes and the same ``input_ids``, and the model inputs
+(ours: made from the uint8 batch by ``model_inputs`` on the CPU) have equal shapes;
+``official`` (no EXIF) differs exactly on the EXIF-rotated photos.
 
-Timing: CPU seconds (``time.process_time``, all threads of the process) with
-``torch.set_num_threads(1)`` and ``cv2.setNumThreads(1)``; PIL and the tokenizer run on one
-thread, so this is one core's work (wall time is printed too; on a busy machine it is
-larger). Each path first runs one warm-up pass (which also gives the checked outputs), then
-``--reps`` timed passes; the lowest CPU counts. Both paths read files the OS has cached
-(both were just written). Stage times of the official path come from its lowest pass; those
-of ours from one extra pass that calls the same functions one by one (``read tar members``
-includes the header scan of every shard).
+Timing: CPU seconds (``time.process_time``, all threads of the process, kernel time
+included) with ``torch.set_num_threads(1)`` and ``cv2.setNumThreads(1)``; PIL and the
+tokenizer run on one thread, so this is one core's work (wall time is printed too; on a busy
+machine it is larger). The process keeps freed memory for reuse as the trainer's loader
+workers do (:func:`mvtrain.data.loader.keep_freed_memory`), for both paths alike;
+``--default-malloc`` leaves the allocator as it is. Each path first runs one warm-up pass
+(which also gives the checked outputs), then ``--reps`` timed passes; the lowest CPU
+counts. Both paths read files the OS has cached (both were just written). Stage times of the
+official path come from its lowest pass; those of ours from one extra pass that calls the
+same functions one by one (``read tar members`` includes the header scan of every shard).
 
 Runtime: about 1.5 minutes on an idle 2-core machine (generation ~30 s CPU on 2 cores,
 timed passes ~60 s CPU); ``--workdir DIR`` keeps the images and shards for a rerun.
@@ -49,6 +57,7 @@ timed passes ~60 s CPU); ``--workdir DIR`` keeps the images and shards for a rer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -77,17 +86,18 @@ from mvprep.build import build  # noqa: E402
 from mvprep.options import BuildOptions  # noqa: E402
 from mvshards.cost import CostModel  # noqa: E402
 from mvshards.index import load_index  # noqa: E402
-from mvshards.profiles import get_profile  # noqa: E402
 from mvshards.schema import SampleMeta  # noqa: E402
 from mvtrain.batching.plan_index import PlanIndex  # noqa: E402
 from mvtrain.batching.schedule import epoch_plan  # noqa: E402
 from mvtrain.batching.sources import SampleLocator  # noqa: E402
 from mvtrain.budgets import Budgets  # noqa: E402
 from mvtrain.data.lengths import iter_sample_json  # noqa: E402
-from mvtrain.data.loader import MicroBatch, PlannedBatches, ShardAccess  # noqa: E402
+from mvtrain.data.loader import MicroBatch, PlannedBatches, keep_freed_memory  # noqa: E402
 from mvtrain.data.sample import LoadedSample  # noqa: E402
+from mvtrain.data.shard_access import ShardAccess  # noqa: E402
 from mvtrain.data.tokenize import tokenize_sample  # noqa: E402
 from mvtrain.model.adapters import adapter_for  # noqa: E402
+from mvtrain.model.pixel_input import model_inputs  # noqa: E402
 from mvtrain.model.tiny import load_tiny_tokenizer  # noqa: E402
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET  # noqa: E402
 
@@ -259,7 +269,6 @@ def our_breakdown(dataset: PlannedBatches, tokenizer: Any, adapter: Any, timer: 
             return original(*a, **k)
 
     access = ShardAccess(dataset.shard_paths)
-    family = get_profile(PROFILE_NAME).family
     pixels_mod.decode_rgb = timed_decode
     try:
         for planned in dataset.plan.batches[dataset.start : dataset.stop]:
@@ -273,14 +282,44 @@ def our_breakdown(dataset: PlannedBatches, tokenizer: Any, adapter: Any, timer: 
                     tokenized = tokenize_sample(meta, tokenizer, PROFILE_NAME)
                 before = timer.seconds["open+decode"]
                 start = time.process_time()
-                patches, grids = pixels_mod.sample_pixels(meta, members, family)
+                images, grids = pixels_mod.sample_pixels(meta, members)
                 inner = time.process_time() - start - (timer.seconds["open+decode"] - before)
-                timer.seconds["slice+normalise+patchify"] += inner
-                samples.append(LoadedSample(meta, tokenized, patches, grids))
-            with timer("collate"):
-                adapter.collate(samples)
+                timer.seconds["slice (views)"] += inner
+                samples.append(LoadedSample(meta, tokenized, images, grids))
+            with timer("collate (uint8 pack)"):
+                adapter.host_batch(samples)
     finally:
         pixels_mod.decode_rgb = original
+
+
+def device_side(batches: list[MicroBatch]) -> float:
+    """CPU seconds of the device-side conversion (``model_inputs``) of ``batches`` here: what
+    the training device does instead of the loader (lowest of 3 passes)."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        for batch in batches:
+            model_inputs(batch.host_inputs, "cpu")
+        best = min(best, time.process_time() - start)
+    return best
+
+
+@dataclasses.dataclass
+class FloatCollate:
+    """The official path's collation: the adapter's token padding and the float patches
+    concatenated -- what the trainer's collate did while the loader normalised on the host
+    (the official ``data_collator`` also collates float tensors)."""
+
+    adapter: Any
+
+    def collate(self, samples: list[LoadedSample]) -> dict[str, Any]:
+        text = [dataclasses.replace(s, pixel_values=[], tgt_sizes=[]) for s in samples]
+        inputs = self.adapter.host_batch(text)
+        patches = [p for s in samples for p in s.pixel_values]
+        grids = [g for s in samples for g in s.tgt_sizes]
+        inputs["pixel_values"] = torch.cat(patches, dim=-1).unsqueeze(0) if patches else None
+        inputs["target_sizes"] = torch.tensor(grids, dtype=torch.int32) if grids else None
+        return inputs
 
 
 # ----------------------------------------------------------------------------- checks
@@ -304,6 +343,7 @@ def check_same_shapes(
     sq_err, values = 0.0, 0
     for batch, (loaded, inputs) in zip(ours, theirs, strict=True):
         _require(batch.keys == [s.meta.key for s in loaded], "micro-batch members differ")
+        mine = batch.inputs  # the model's inputs, made from the uint8 batch on this CPU
         for s in loaded:  # ours checks its grids against the stored layout (sample_pixels)
             stored = [tuple(t) for e in stored_metas[s.meta.key].images for t in e.layout.tgt_sizes]
             why = f"sample {s.meta.key}: tgt_sizes {s.tgt_sizes} != stored {stored}"
@@ -312,17 +352,17 @@ def check_same_shapes(
             want = [(3, PATCH, r * c * PATCH) for r, c in s.tgt_sizes]
             _require(shapes == want, f"sample {s.meta.key}: tensor shapes {shapes} != {want}")
         for name in ("input_ids", "attention_mask", "labels", "pixel_values", "target_sizes"):
-            a, b = batch.inputs[name], inputs[name]
+            a, b = mine[name], inputs[name]
             _require((a is None) == (b is None), f"batch {batch.position}: {name} present in one")
             if a is not None:
                 _require(
                     a.shape == b.shape, f"batch {batch.position}: {name} {a.shape} != {b.shape}"
                 )
         for name in ("input_ids", "labels", "target_sizes"):
-            a, b = batch.inputs[name], inputs[name]
+            a, b = mine[name], inputs[name]
             _require(a is None or torch.equal(a, b), f"batch {batch.position}: {name} differ")
         if inputs["pixel_values"] is not None:
-            diff = batch.inputs["pixel_values"] - inputs["pixel_values"]
+            diff = mine["pixel_values"] - inputs["pixel_values"]
             sq_err += float((diff.double() ** 2).sum())
             values += diff.numel()
             subimages += int(inputs["target_sizes"].shape[0])
@@ -372,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
     ap.add_argument("--patch-budget", type=int, default=DEFAULT_PATCH_BUDGET)
     ap.add_argument("--workdir", type=Path, help="keep (and reuse) images and shards here")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="do not keep freed memory for reuse as the loader workers do",
+    )
     args = ap.parse_args(argv)
     if args.reps < 1 or args.phones + args.mid + args.pngs < 1:
         ap.error("--reps must be >= 1 and the set needs at least one image")
@@ -432,13 +477,16 @@ def run_bench(
     dataset = PlannedBatches(plan, 0, len(plan), locator, tokenizer, profile, adapter)
 
     one_thread()
+    kept = not args.default_malloc and keep_freed_memory()
 
     # warm-up passes, which also give the outputs checked below
-    official = OfficialPath(plan, metas, root, tokenizer, adapter, max_slice_nums)
+    official = OfficialPath(plan, metas, root, tokenizer, FloatCollate(adapter), max_slice_nums)
     _, ours_out = our_batches(dataset, keep=True)
     _, exif_out = official.batches(True, StageTimer(), keep=True)
     _, plain_out = official.batches(False, StageTimer(), keep=True)
     n_samples, n_sub, psnr = check_same_shapes(ours_out, exif_out, metas)
+    device_cpu = device_side(ours_out)
+    transfer = sum(b.host_inputs["pixel_values"].rows.nbytes for b in ours_out if b.has_images)
     stored = {k: [tuple(t) for e in m.images for t in e.layout.tgt_sizes] for k, m in metas.items()}
     differ = {
         s.meta.key for loaded, _ in plain_out for s in loaded if s.tgt_sizes != stored[s.meta.key]
@@ -483,7 +531,8 @@ def run_bench(
     )
     print(
         f"CPU time (one thread), lowest of {reps} passes after a warm-up pass; stages of "
-        "official+exif from its lowest pass, of ours from one extra stage-by-stage pass"
+        "official+exif from its lowest pass, of ours from one extra stage-by-stage pass; "
+        + ("freed memory kept for reuse as in the loader workers" if kept else "default malloc")
     )
     head = f"{'path':<15}{'samples':>8}{'CPU s':>9}{'wall s':>9}{'ms/sample':>11}{'samples/s':>11}"
     head += f"{'CPU / ours':>12}"
@@ -501,6 +550,19 @@ def run_bench(
         f"loader throughput: ours {timed['ours'][2] / ours_cpu:.1f} samples/s per core vs "
         f"official {official_rate:.1f} ({timed['official'][0] / ours_cpu:.1f}x), "
         f"official+exif {exif_rate:.1f} ({timed['official+exif'][0] / ours_cpu:.1f}x)"
+    )
+    print(
+        f"loader-side CPU per sample: ours {1000 * ours_cpu / n_samples:.1f} ms, official "
+        f"{1000 * timed['official'][0] / n_samples:.1f} ms: official / ours "
+        f"{timed['official'][0] / ours_cpu:.1f}x (official+exif / ours "
+        f"{timed['official+exif'][0] / ours_cpu:.1f}x)"
+    )
+    print(
+        f"device side (not in ours): pixels go to the device as uint8, "
+        f"{transfer / n_samples / 2**20:.2f} MiB/sample (float32: 4x); there normalise+patchify "
+        f"(model_inputs) is a few kernels on a GPU; on this CPU, with fresh 4-byte index and "
+        f"output buffers per batch, it takes {1000 * device_cpu / n_samples:.1f} ms/sample "
+        "(what a CPU-only run pays on its training thread)"
     )
     print("\nper-stage CPU ms/sample")
     names = list(

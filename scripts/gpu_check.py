@@ -5,7 +5,10 @@ layers, a real vocabulary-size head), generate and build the demo data at --max-
 (drawn stand-in photos: no scikit-image needed), probe the model (fwd+bwd on worst-case
 synthetic batches, fit), plan budgets from the probe fit (DeepSpeed ZeRO-2, bf16), train 20
 steps with those budgets, and print per step the predicted and measured peaks --
-``max_memory_allocated`` and ``max_memory_reserved`` -- and their spread across steps.
+``max_memory_allocated`` and ``max_memory_reserved`` -- and their spread across steps. First,
+the pixel input path: uint8 (sub)images packed as the loader packs them, made the model's
+float pixels on the GPU by the step's conversion (``mvtrain.model.pixel_input.model_inputs``),
+must equal the same conversion on the CPU bit for bit, for both families.
 Finishes in well under 8 minutes on an H100/H200. Needs only ``pip install -e '.[train]'``.
 
     python scripts/gpu_check.py [--workdir DIR] [--steps 20] [--target 0.6]
@@ -97,10 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"done in {time.time() - started:.0f}s")
 
 
-def demo_shards(work: Path, cuda: bool) -> Path:
-    """The demo set (drawn photos) built at --max-res 1344 under ``work``."""
+def demo_shards(work: Path, cuda: bool, smoke: bool) -> Path:
+    """The demo set (drawn photos) built at --max-res 1344 under ``work`` (CPU smoke: 16
+    records at --max-res 448, the same path at a size a CPU step takes in seconds)."""
     py, bin_ = sys.executable, Path(sys.executable).parent
-    sh(py, str(REPO / "scripts" / "make_demo_data.py"), str(work / "data"), "--drawn-photos")
+    count = ["--count", "16"] if smoke else []
+    data = [py, str(REPO / "scripts" / "make_demo_data.py"), str(work / "data"), *count]
+    sh(*data, "--drawn-photos")
     sh(
         str(bin_ / "mvprep"),
         "build",
@@ -108,7 +114,7 @@ def demo_shards(work: Path, cuda: bool) -> Path:
         "--out",
         str(work / "shards"),
         "--max-res",
-        "1344",
+        "448" if smoke else "1344",
         "--workers",
         "8" if cuda else "2",
         "--no-progress",
@@ -116,18 +122,50 @@ def demo_shards(work: Path, cuda: bool) -> Path:
     return work / "shards"
 
 
+def pixel_check(device: str) -> str:
+    """uint8 pixels to ``device``: the model's pixel inputs made there equal the CPU's bit for
+    bit (both families; a sliced image's slices are views, as the loader keeps them)."""
+    import torch
+
+    from mvshards.families import NATIVE_46, REMOTE_26
+    from mvtrain.model.pixel_input import PixelPack, model_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    refine = torch.randint(0, 256, (28 * 14, 64 * 14, 3), dtype=torch.uint8, generator=gen)
+    source = torch.randint(0, 256, (24 * 14, 40 * 14, 3), dtype=torch.uint8, generator=gen)
+    slices = [refine[:, :448], refine[:, 448:]]  # a 2x1 grid of 28x32-patch slices
+    images = [[source, *slices], [], [source[: 14 * 16, : 14 * 16]]]
+    moved = 0
+    for family in (NATIVE_46, REMOTE_26):
+        host = {"pixel_values": PixelPack.pack(images, family)}
+        want = model_inputs(host, "cpu")["pixel_values"]
+        got = model_inputs(host, device)["pixel_values"]
+        flat = [want] if family.navit_packing else [p for row in want for p in row]
+        flat_got = [got] if family.navit_packing else [p for row in got for p in row]
+        for a, b in zip(flat, flat_got, strict=True):
+            if b.device.type != torch.device(device).type or not torch.equal(a, b.cpu()):
+                sys.exit(f"pixel check: {family} pixels made on {device} differ from the CPU's")
+        moved = host["pixel_values"].rows.nbytes
+    return (
+        f"pixel input: {moved} bytes of uint8 to {device} per pack (float32: {4 * moved}); "
+        "the model's pixels made there equal the CPU's bit for bit (4.6 and 2.6 families)"
+    )
+
+
 def check(work: Path, steps: int, target: float, smoke: bool, cuda: bool, started: float) -> None:
-    """Data, model, probe (CUDA), plan, train, report."""
+    """Pixel path, data, model, probe (CUDA), plan, train, report."""
     import torch
 
     from mvtrain.memory.plan import PlanRequest
 
+    print(f"[{time.time() - started:5.0f}s] {pixel_check('cuda' if cuda else 'cpu')}")
     bin_ = Path(sys.executable).parent
     mvtrain = str(bin_ / "mvtrain")
     print(f"[{time.time() - started:5.0f}s] demo data + shards in {work}")
-    shards = demo_shards(work, cuda)
+    shards = demo_shards(work, cuda, smoke)
     model_dir = mid_size_model(work / "model", smoke)
-    gpu_mem = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * GiB
+    # CPU smoke: a small "card", so the planned micro-batches stay seconds of CPU each
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory if cuda else GiB
     # CUDA: DeepSpeed in bf16, as `mvtrain run` picks there; CPU: the plain engine in fp32
     engine, dtype = ("deepspeed", "bf16") if cuda else ("torch", "fp32")
     fit_path = work / "probe.json" if cuda else None

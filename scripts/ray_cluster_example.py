@@ -1,7 +1,8 @@
 """Preprocess a data set on a Ray cluster from Python (what ``mvprep build --runner ray`` does).
 
 Set-up, once per cluster (every node: the same Python environment with ``pip install
-'mvkit[ray]'``, and the data file, its images and the output folder at the same paths, e.g.
+'mvkit[ray,s3]'``; the data file, its images and the output in an object store, e.g.
+``s3://bucket/...`` with the credentials in every node's environment, or at the same paths
 on a shared file system)::
 
     ray start --head --port 6379                  # on the head node
@@ -9,7 +10,9 @@ on a shared file system)::
 
 Then, on the head node (or any machine that can reach it and sees the same paths)::
 
-    python scripts/ray_cluster_example.py DATA.json OUT --address auto --max-res 1344
+    python scripts/ray_cluster_example.py s3://bkt/raw/train.jsonl s3://bkt/shards/train \
+        --address auto --max-res 1344
+    python scripts/ray_cluster_example.py /shared/train.json /shared/shards/train --address auto
 
 Without ``--address`` a local Ray is started on this machine with ``--workers`` CPUs: the same
 code path, handy to try it out. The shards are byte-identical to a local ``mvprep build``.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from mvprep.build import build
 from mvprep.options import BuildOptions
@@ -33,8 +35,8 @@ from mvprep.summary import format_summary
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", type=Path)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("data", help="data file: a path or a URL (s3://, gs://...)")
+    parser.add_argument("out", help="output folder or URL")
     parser.add_argument("--address", default=None, help="Ray address, e.g. auto (default: local)")
     parser.add_argument("--workers", type=int, default=2, help="CPUs of a local Ray")
     parser.add_argument("--max-res", type=int, default=1344)

@@ -6,12 +6,15 @@
 #
 # submits `sbatch --array=1-N` of this script in "part" mode and a merge job that starts after
 # the whole array (afterany: merge itself refuses an incomplete set and names the parts to
-# run again). DATA, its images and OUT must be on a file system every node sees at the same
-# path; the Python environment with mvkit must be active in the submitting shell (Slurm
-# passes the environment on) or set MVKIT_VENV=/path/to/.venv. Example:
+# run again). DATA, its images and OUT: object-store URLs or paths every node sees alike.
+# URLs (s3://bucket/..., gs://...) take their credentials from the environment (AWS_* or
+# ~/.aws; pip install 'mvkit[s3]'); paths must be on a file system every node mounts alike;
+# the Python environment with mvkit must be active in the submitting shell (Slurm passes the
+# environment on) or set MVKIT_VENV=/path/to/.venv. Examples:
 #
-#   scripts/slurm_array.sh submit /shared/train.json /shared/shards/train 64 \
+#   scripts/slurm_array.sh submit s3://bkt/raw/train.jsonl s3://bkt/shards/train 64 \
 #       --max-res 1344 --samples-per-shard 1000
+#   scripts/slurm_array.sh submit /shared/train.json /shared/shards/train 64 --max-res 1344
 #
 # Every part uses the same build options; a part that is requeued, preempted or re-submitted
 # skips the shards it already finished (sizes and sha256 checked), so re-running a part is

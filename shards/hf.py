@@ -24,9 +24,9 @@ Pure stdlib except :func:`hf_features`, which imports ``datasets``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from mvshards.storage import Location, location
 from mvshards.tario import write_atomic
 
 CARD_FILE = "README.md"
@@ -120,6 +120,6 @@ def dataset_card(max_images: int, image_ext: str) -> str:
     )
 
 
-def write_dataset_card(out: Path, max_images: int, image_ext: str) -> None:
+def write_dataset_card(out: Location | str, max_images: int, image_ext: str) -> None:
     """Atomically write ``OUT/README.md`` (call with the build's largest image count)."""
-    write_atomic(Path(out) / CARD_FILE, dataset_card(max_images, image_ext).encode("utf-8"))
+    write_atomic(location(out) / CARD_FILE, dataset_card(max_images, image_ext).encode("utf-8"))

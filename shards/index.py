@@ -11,6 +11,11 @@ Output folder layout::
 Every file is written atomically (temporary file, fsync, rename), so a reader sees either
 nothing or a whole file. Shard entries are the source of truth for samples and rejects; the
 manifest is their summary plus the build parameters.
+
+OUT may be an object-store URL (``s3://bucket/prefix``, see :mod:`mvshards.storage`): every
+file is then one object written whole (one PUT), and since a store has no rename, the index
+entry is the commit point of its shard: a shard object without an entry is unfinished, and
+every reader (the trainer, ``verify``, ``merge``, a resumed build) ignores it.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 import mvshards
 from mvshards.image_table import ImageColumns, concat_columns, read_image_table, sample_slice_costs
+from mvshards.storage import Location, ObjectPath, list_sizes, location, size_of
 from mvshards.tario import write_atomic
 
 INDEX_DIR = "index"
@@ -64,9 +69,9 @@ def shard_name(unit: int) -> str:
     return f"{unit:0{UNIT_DIGITS}d}.tar"
 
 
-def entry_path(out: Path, unit: int) -> Path:
+def entry_path(out: Location | str, unit: int) -> Location:
     """``OUT/index/NNNNNN.json``."""
-    return Path(out) / INDEX_DIR / f"{unit:0{UNIT_DIGITS}d}.json"
+    return location(out) / INDEX_DIR / f"{unit:0{UNIT_DIGITS}d}.json"
 
 
 @dataclass
@@ -92,6 +97,12 @@ class ShardEntry:
     """Per sample, parallel to :attr:`samples`: its channel (None: it has none). None (and
     absent from the JSON, so such entries are byte-identical to older ones and older readers
     ignore the key) when no sample of the shard has a channel."""
+    sample_offsets: list[int] | None = None
+    """Where the samples lie in the tar, one more than samples: sample ``i`` is bytes
+    ``[sample_offsets[i], sample_offsets[i + 1])``, its first member's header to its last
+    member's padded data end (:attr:`mvshards.tario.ShardFileInfo.sample_offsets`), so a
+    reader fetches it with one ranged read and no header walk. None (and absent from the
+    JSON) in entries of an older mvprep: readers then walk the tar's headers."""
 
     def image_columns(self) -> ImageColumns | None:
         """The entry's per-image table; None when it has none (an older mvprep)."""
@@ -99,8 +110,9 @@ class ShardEntry:
 
     def to_json(self) -> dict[str, Any]:
         obj = asdict(self)
-        if self.channels is None:
-            del obj["channels"]
+        for key in ("channels", "sample_offsets"):
+            if obj[key] is None:
+                del obj[key]
         return obj
 
     @classmethod
@@ -123,6 +135,7 @@ class ShardEntry:
             rejects=rejects,
             stats=dict(obj.get("stats") or {}),
             channels=_channels(obj.get("channels"), len(samples)),
+            sample_offsets=_offsets(obj.get("sample_offsets"), len(samples)),
         )
         if entry.num_samples != len(samples):
             raise ValueError(f"num_samples {entry.num_samples} but {len(samples)} sample rows")
@@ -140,18 +153,30 @@ def _channels(value: Any, num_samples: int) -> list[str | None] | None:
     return list(value)
 
 
+def _offsets(value: Any, num_samples: int) -> list[int] | None:
+    """An entry's ``sample_offsets`` checked for shape: None, or ``num_samples + 1`` integers
+    (whether they match the tar is ``mvprep verify``'s question)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != num_samples + 1:
+        raise ValueError(f"sample_offsets is not a list of {num_samples + 1} offsets")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError("sample_offsets holds something other than non-negative integers")
+    return list(value)
+
+
 def _dumps(obj: Any, indent: int | None = None) -> bytes:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, indent=indent).encode("utf-8")
 
 
-def write_entry(out: Path, entry: ShardEntry) -> None:
+def write_entry(out: Location | str, entry: ShardEntry) -> None:
     """Atomically write ``OUT/index/NNNNNN.json`` (call only after the shard is renamed)."""
     path = entry_path(out, entry.unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, _dumps(entry.to_json()))
 
 
-def read_entry(out: Path, unit: int) -> ShardEntry | None:
+def read_entry(out: Location | str, unit: int) -> ShardEntry | None:
     """The entry of ``unit``; None when missing, or (with a warning) when unreadable."""
     path = entry_path(out, unit)
     try:
@@ -178,14 +203,14 @@ def _normalise(params: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(params, sort_keys=True))
 
 
-def write_build_params(out: Path, params: dict[str, Any]) -> None:
+def write_build_params(out: Location | str, params: dict[str, Any]) -> None:
     """Atomically write ``OUT/build.json``: only options that change the output bytes."""
-    write_atomic(Path(out) / BUILD_FILE, _dumps(_normalise(params), indent=2))
+    write_atomic(location(out) / BUILD_FILE, _dumps(_normalise(params), indent=2))
 
 
-def read_build_params(out: Path) -> dict[str, Any] | None:
+def read_build_params(out: Location | str) -> dict[str, Any] | None:
     """``OUT/build.json``, or None when the folder has none."""
-    path = Path(out) / BUILD_FILE
+    path = location(out) / BUILD_FILE
     try:
         return json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -200,7 +225,7 @@ def _option(key: str) -> str:
     return _OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
-def check_build_params(out: Path, params: dict[str, Any]) -> bool:
+def check_build_params(out: Location | str, params: dict[str, Any]) -> bool:
     """Raise IndexMismatchError when OUT was built with other ``params``.
 
     Returns True when OUT already has ``build.json`` with equal parameters, False when it
@@ -241,7 +266,7 @@ def dataset_totals(entries: list[ShardEntry]) -> dict[str, Any]:
 
 
 def write_manifest(
-    out: Path, params: dict[str, Any], entries: list[ShardEntry], extra: dict[str, Any]
+    out: Location | str, params: dict[str, Any], entries: list[ShardEntry], extra: dict[str, Any]
 ) -> dict[str, Any]:
     """Atomically write ``OUT/manifest.json`` for a complete build; return what was written.
 
@@ -268,13 +293,13 @@ def write_manifest(
         ],
         "extra": _normalise(extra),
     }
-    write_atomic(Path(out) / MANIFEST_FILE, _dumps(manifest, indent=1))
+    write_atomic(location(out) / MANIFEST_FILE, _dumps(manifest, indent=1))
     return manifest
 
 
-def read_manifest(out: Path) -> dict[str, Any]:
+def read_manifest(out: Location | str) -> dict[str, Any]:
     """``OUT/manifest.json``; IndexMissingError when the build did not finish."""
-    path = Path(out) / MANIFEST_FILE
+    path = location(out) / MANIFEST_FILE
     try:
         return json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -288,12 +313,37 @@ def read_manifest(out: Path) -> dict[str, Any]:
         ) from exc
 
 
-def write_rejects(out: Path, entries: list[ShardEntry]) -> int:
+def write_rejects(out: Location | str, entries: list[ShardEntry]) -> int:
     """Atomically write ``OUT/rejects.jsonl`` in record order; return the number of lines."""
     rejects = sorted((r for e in entries for r in e.rejects), key=lambda r: r["index"])
     lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects]
-    write_atomic(Path(out) / REJECTS_FILE, "".join(lines).encode("utf-8"))
+    write_atomic(location(out) / REJECTS_FILE, "".join(lines).encode("utf-8"))
     return len(lines)
+
+
+@dataclass(frozen=True, eq=False)
+class SampleRanges:
+    """Where the samples of one shard lie in its tar (its entry's
+    :attr:`ShardEntry.sample_offsets`): sample ``keys[i]`` is bytes
+    ``[offsets[i], offsets[i + 1])``."""
+
+    keys: np.ndarray
+    """The shard's sample keys in shard order (a view of :attr:`DatasetIndex.keys`)."""
+    offsets: np.ndarray
+    """int64, one more than keys."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def span(self, key: str) -> tuple[int, int] | None:
+        """``(start, stop)`` of sample ``key``; None when the shard has no such sample."""
+        i = int(np.searchsorted(self.keys, key))  # keys increase within a shard
+        if not (i < len(self.keys) and self.keys[i] == key):
+            found = np.flatnonzero(self.keys == key)  # an index not in key order
+            if not len(found):
+                return None
+            i = int(found[0])
+        return int(self.offsets[i]), int(self.offsets[i + 1])
 
 
 @dataclass(frozen=True)
@@ -301,12 +351,17 @@ class ShardInfo:
     """One shard as the manifest lists it."""
 
     unit: int
-    path: Path
+    path: Location
+    """The shard: a local ``Path`` or an :class:`~mvshards.storage.ObjectPath` (read it with
+    :func:`mvshards.storage.open_read` / :func:`~mvshards.storage.read_range`)."""
     sha256: str
     num_bytes: int
     num_samples: int
     num_rejects: int
     record_range: tuple[int, int]
+    sample_ranges: SampleRanges | None = field(default=None, compare=False, repr=False)
+    """Where each sample lies in the tar; None for an entry of an older mvprep (read the
+    tar's headers instead)."""
 
 
 @dataclass
@@ -319,7 +374,7 @@ class DatasetIndex:
     the per-image table's columns when every entry has one.
     """
 
-    out: Path
+    out: Location
     params: dict[str, Any]
     manifest: dict[str, Any]
     shards: list[ShardInfo]
@@ -364,18 +419,22 @@ class DatasetIndex:
     def totals(self) -> dict[str, Any]:
         return self.manifest["totals"]
 
-    def shard_paths(self) -> list[Path]:
+    def shard_paths(self) -> list[Location]:
         return [s.path for s in self.shards]
 
     def check_shard_files(self) -> None:
         """Raise :class:`ShardFilesError` (one line: the first bad shard, how many are bad,
         the fix) when a shard file is missing or its size differs from its entry's: a cheap
-        stat of each file, before anything reads them (``mvprep verify`` checks contents)."""
+        stat of each file (one listing in an object store), before anything reads them
+        (``mvprep verify`` checks contents)."""
         bad: list[str] = []
+        listed = list_sizes(self.out) if isinstance(self.out, ObjectPath) else None
         for shard in self.shards:
-            try:
-                size = shard.path.stat().st_size
-            except FileNotFoundError:
+            if listed is not None and shard.path.parent == self.out:
+                size = listed.get(shard.path.name)
+            else:
+                size = size_of(shard.path)
+            if size is None:
                 bad.append(f"{shard.path} is missing")
                 continue
             if size != shard.num_bytes:
@@ -397,7 +456,7 @@ class DatasetIndex:
         ]
 
 
-def _listed_entry(out: Path, item: dict[str, Any]) -> ShardEntry:
+def _listed_entry(out: Location, item: dict[str, Any]) -> ShardEntry:
     """The entry of a shard the manifest lists; IndexMissingError when missing or stale."""
     unit = int(item["unit"])
     entry = read_entry(out, unit)
@@ -414,13 +473,13 @@ def _listed_entry(out: Path, item: dict[str, Any]) -> ShardEntry:
     return entry
 
 
-def load_index(out: Path) -> DatasetIndex:
+def load_index(out: Location | str) -> DatasetIndex:
     """Load ``manifest.json`` and every shard entry of a finished build; opens no tar.
 
     Raises IndexMissingError when the build did not finish or an entry is missing or does
     not match the manifest.
     """
-    out = Path(out)
+    out = location(out)
     manifest = read_manifest(out)
     shards: list[ShardInfo] = []
     keys: list[str] = []
@@ -430,6 +489,7 @@ def load_index(out: Path) -> DatasetIndex:
     missing: list[str] = []
     channels: list[str] = []
     any_channel = False
+    offsets: list[list[int] | None] = []
     for position, item in enumerate(manifest["shards"]):
         entry = _listed_entry(out, item)
         shards.append(
@@ -443,6 +503,7 @@ def load_index(out: Path) -> DatasetIndex:
                 record_range=(entry.record_range[0], entry.record_range[1]),
             )
         )
+        offsets.append(entry.sample_offsets)
         for key, tokens, patches, images in entry.samples:
             keys.append(key)
             shard_ids.append(position)
@@ -458,12 +519,14 @@ def load_index(out: Path) -> DatasetIndex:
         else:
             tables.append(columns)
     table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    key_array = np.array(keys, dtype=str)
+    shards = _with_ranges(shards, offsets, key_array)
     return DatasetIndex(
         out=out,
         params=manifest["params"],
         manifest=manifest,
         shards=shards,
-        keys=np.array(keys, dtype=str),
+        keys=key_array,
         shard_ids=np.array(shard_ids, dtype=np.int32),
         num_tokens=table[:, 0].copy(),
         num_patches=table[:, 1].copy(),
@@ -472,3 +535,20 @@ def load_index(out: Path) -> DatasetIndex:
         missing_image_table=missing,
         channels=np.array(channels, dtype=str) if any_channel else None,
     )
+
+
+def _with_ranges(
+    shards: list[ShardInfo], offsets: list[list[int] | None], keys: np.ndarray
+) -> list[ShardInfo]:
+    """``shards`` with their :class:`SampleRanges` (those whose entry records offsets);
+    ``keys``: every sample's key, shard by shard."""
+    out: list[ShardInfo] = []
+    start = 0
+    for shard, found in zip(shards, offsets, strict=True):
+        stop = start + shard.num_samples
+        if found is not None:
+            ranges = SampleRanges(keys[start:stop], np.array(found, dtype=np.int64))
+            shard = replace(shard, sample_ranges=ranges)
+        out.append(shard)
+        start = stop
+    return out

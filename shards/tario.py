@@ -9,8 +9,18 @@ The writer streams into ``NAME.tmp`` while hashing, then ``commit()`` fsyncs, re
 the final name and fsyncs the folder: a shard under its final name is always complete. A
 writer left without ``commit()`` (an exception, a ``kill -9``) leaves no final file.
 
+For a shard in an object store (an :class:`~mvshards.storage.ObjectPath`; stores have no
+rename) the writer streams into an anonymous local temporary file (gone with the process,
+even after ``kill -9``) while hashing, and ``commit()`` uploads it whole
+(:func:`mvshards.storage.upload_file`: one PUT or a multipart upload completed at the end),
+so the object appears complete or not at all. Whether a shard is *finished* is decided by
+its index entry, written after the upload (see :mod:`mvprep.build`).
+
 Members follow the WebDataset rule: the sample key is the member name up to the first dot,
 the extension is the rest (``000000042.src0.jpg`` -> key ``000000042``, ext ``src0.jpg``).
+A sample's members are contiguous, so the writer knows where each sample lies as it writes
+(:attr:`ShardFileInfo.sample_offsets`): what the index records so a reader fetches a sample
+with one read of its byte range, without walking the tar's headers.
 """
 
 from __future__ import annotations
@@ -20,11 +30,24 @@ import io
 import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
+
+from mvshards.storage import TMP_SUFFIX as TMP_SUFFIX  # re-exported: older importers
+from mvshards.storage import (
+    Location,
+    ObjectPath,
+    location,
+    open_read,
+    sha256_of,
+    upload_file,
+    write_whole,
+)
+from mvshards.storage import fsync_dir as fsync_dir
 
 FIXED_MTIME = 0
 """Modification time (seconds since the epoch) written into every member header."""
@@ -32,7 +55,6 @@ MEMBER_MODE = 0o644
 TAR_FORMAT = tarfile.GNU_FORMAT
 """GNU tar headers: no PAX records (PAX would add access/change times); long names, should
 one ever occur, use GNU's ``././@LongLink`` entries, which are deterministic too."""
-TMP_SUFFIX = ".tmp"
 
 _NAME_RE = re.compile(r"^([^./]+)\.([^/]+)$")
 """``key.ext``: a key without dots or slashes, then a non-empty extension."""
@@ -44,11 +66,15 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 class ShardFileInfo:
     """A committed shard: where it is and what its bytes are."""
 
-    path: Path
+    path: Location
     sha256: str
     """Hex digest of the whole tar file."""
     num_bytes: int
     num_members: int
+    sample_offsets: tuple[int, ...] = ()
+    """Sample ``i`` (in the order written) lies at bytes ``[sample_offsets[i],
+    sample_offsets[i + 1])``: its first member's header to its last member's padded data end;
+    one more offset than samples (the last: where the end-of-archive blocks start)."""
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -79,37 +105,9 @@ class _HashingFile:
         self.raw.flush()
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (no-op where folders can't be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either the old or the whole new bytes.
-
-    Writes ``path.tmp``, fsyncs it, renames it over ``path`` and fsyncs the folder.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+write_atomic = write_whole
+"""Write a file or object whole: readers see the old or all the new bytes (see
+:func:`mvshards.storage.write_whole`)."""
 
 
 class ShardWriter:
@@ -120,10 +118,14 @@ class ShardWriter:
     commit, or calling ``abort()``, removes the temporary file.
     """
 
-    def __init__(self, final_path: Path) -> None:
-        self.final_path = Path(final_path)
-        self.tmp_path = self.final_path.with_name(self.final_path.name + TMP_SUFFIX)
-        self._raw: BinaryIO | None = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
+    def __init__(self, final_path: Location | str) -> None:
+        self.final_path: Location = location(final_path)
+        self.tmp_path: Path | None = None
+        if isinstance(self.final_path, ObjectPath):  # spooled here, uploaded by commit()
+            self._raw: BinaryIO | None = tempfile.TemporaryFile()  # noqa: SIM115 - closed in commit/abort
+        else:
+            self.tmp_path = self.final_path.with_name(self.final_path.name + TMP_SUFFIX)
+            self._raw = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
         self._hashing = _HashingFile(self._raw)
         self._tar: tarfile.TarFile | None = tarfile.TarFile(
             fileobj=self._hashing,  # type: ignore[arg-type]
@@ -132,7 +134,11 @@ class ShardWriter:
             encoding="utf-8",
         )
         self._last_name: str | None = None
+        self._last_key: str | None = None
         self._num_members = 0
+        self._sample_starts: list[int] = []
+        self._end = 0
+        """Bytes written so far: where the next member's header starts."""
         self._info: ShardFileInfo | None = None
 
     def __enter__(self) -> ShardWriter:
@@ -155,7 +161,8 @@ class ShardWriter:
         """Append member ``name`` holding ``data``; names must strictly increase."""
         if self._tar is None:
             raise RuntimeError(f"{self.final_path}: add() after commit() or abort()")
-        if not _NAME_RE.match(name):
+        match = _NAME_RE.match(name)
+        if not match:
             raise ValueError(
                 f"{self.final_path}: member name {name!r} is not 'key.ext' "
                 "(a key without dots or slashes, then an extension)"
@@ -166,6 +173,7 @@ class ShardWriter:
                 "must be added in strictly increasing name order (samples in key order, "
                 "each sample's members sorted)"
             )
+        key = match.group(1)
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime = FIXED_MTIME
@@ -173,7 +181,11 @@ class ShardWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         info.type = tarfile.REGTYPE
+        if key != self._last_key:
+            self._sample_starts.append(self._end)  # a new sample starts at this header
+            self._last_key = key
         self._tar.addfile(info, io.BytesIO(data))
+        self._end = self._tar.offset
         self._last_name = name
         self._num_members += 1
 
@@ -190,19 +202,26 @@ class ShardWriter:
             self._tar.close()
             self._tar = None
             self._raw.flush()
-            os.fsync(self._raw.fileno())
-            self._raw.close()
-            self._raw = None
-            os.replace(self.tmp_path, self.final_path)
+            if isinstance(self.final_path, ObjectPath):
+                upload_file(self._raw, self.final_path)
+                self._raw.close()
+                self._raw = None
+            else:
+                assert self.tmp_path is not None
+                os.fsync(self._raw.fileno())
+                self._raw.close()
+                self._raw = None
+                os.replace(self.tmp_path, self.final_path)
+                fsync_dir(self.final_path.parent)
         except BaseException:
             self.abort()
             raise
-        fsync_dir(self.final_path.parent)
         self._info = ShardFileInfo(
             path=self.final_path,
             sha256=self._hashing.digest.hexdigest(),
             num_bytes=self._hashing.num_bytes,
             num_members=self._num_members,
+            sample_offsets=(*self._sample_starts, self._end),
         )
         return self._info
 
@@ -212,12 +231,13 @@ class ShardWriter:
         if self._raw is not None:
             self._raw.close()
             self._raw = None
-        self.tmp_path.unlink(missing_ok=True)
+        if self.tmp_path is not None:
+            self.tmp_path.unlink(missing_ok=True)
 
 
-def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
-    """Every regular member of a tar, in file order, as ``(name, bytes)``."""
-    with tarfile.open(path, mode="r|") as tar:
+def iter_members(path: Location | str) -> Iterator[tuple[str, bytes]]:
+    """Every regular member of a tar (a file or an object), in order, as ``(name, bytes)``."""
+    with open_read(location(path)) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -252,12 +272,12 @@ def group_samples(
         yield key, sample
 
 
-def iter_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_shard(path: Location | str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Every sample of a shard in file order, as ``(key, {ext: bytes})``."""
-    yield from group_samples(iter_members(Path(path)))
+    yield from group_samples(iter_members(path))
 
 
-def read_sample(path: Path, key: str) -> dict[str, bytes]:
+def read_sample(path: Location | str, key: str) -> dict[str, bytes]:
     """The members of sample ``key`` in shard ``path`` (a linear scan); KeyError if absent."""
     for sample_key, sample in iter_shard(path):
         if sample_key == key:
@@ -265,10 +285,6 @@ def read_sample(path: Path, key: str) -> dict[str, bytes]:
     raise KeyError(f"{path}: no sample with key {key!r}")
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+def sha256_file(path: Location | str, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's (or object's) bytes."""
+    return sha256_of(location(path), chunk_size)

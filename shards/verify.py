@@ -7,10 +7,15 @@ Checks, each failure a one-line problem naming the shard (and key):
 * the shard's samples, in order, are the entry's sample rows: same count, same keys, and
   each sample's JSON parses (:meth:`SampleMeta.from_json`) and gives the same index row;
 * every member the JSON names exists, and no other member does;
+* each sample's byte range the entry records (``sample_offsets``, when it has them) is where
+  the sample lies: from its first member's header to its last member's padded data end;
 * stored images have exactly ``source_size`` / ``refine_size`` (PIL reads the headers only;
   skipped, with a warning, when Pillow is not installed);
 * every input record index in ``[0, records)`` is in exactly one place: a sample key or a
   reject, inside its unit's record range.
+
+OUT may be an object-store URL (:mod:`mvshards.storage`): shards are streamed with ranged
+GETs. A ``.tar`` without an index entry (an unfinished upload's leftover) is only a warning.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from mvshards.index import (
@@ -35,7 +39,8 @@ from mvshards.index import (
     read_manifest,
 )
 from mvshards.schema import SampleMeta
-from mvshards.tario import TMP_SUFFIX, group_samples
+from mvshards.storage import Location, location, open_read
+from mvshards.tario import TMP_SUFFIX, group_samples, split_member_name
 
 try:  # soft: only the image-size check needs it
     from PIL import Image
@@ -49,7 +54,7 @@ _TOTALS_CHECKED = ("records", "samples", "rejects", "shards", "bytes", "images")
 class VerifyReport:
     """The outcome of :func:`verify_dataset`: problems (each names its shard/key) and counts."""
 
-    out: Path
+    out: Location
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     shards: int = 0
@@ -100,12 +105,37 @@ class _HashingReader:
             pass
 
 
-def _stream_members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+def _stream_members(
+    tar: tarfile.TarFile, extents: dict[str, tuple[int, int]]
+) -> Iterator[tuple[str, bytes]]:
+    """Every regular member as ``(name, bytes)``; ``extents`` gets, per sample key, the bytes
+    from its first member's header to its last member's padded data end."""
     for info in tar:
         if info.isfile():
+            split = split_member_name(info.name)
+            if split is not None:
+                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                start = extents.get(split[0], (info.offset, 0))[0]
+                extents[split[0]] = (start, end)
             f = tar.extractfile(info)
             assert f is not None
             yield info.name, f.read()
+
+
+def _check_range(
+    where: str, seen: int, key: str, found: tuple[int, int], entry: ShardEntry
+) -> list[str]:
+    """The problem with sample ``seen``'s recorded byte range (it lies at ``found``), if any."""
+    offsets = entry.sample_offsets
+    if offsets is None or seen + 1 >= len(offsets):
+        return []
+    start, stop = offsets[seen], offsets[seen + 1]
+    if (start, stop) == found:
+        return []
+    return [
+        f"{where}: sample {key} lies at bytes [{found[0]}, {found[1]}) of the tar, its index "
+        f"entry records [{start}, {stop})"
+    ]
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
@@ -167,24 +197,27 @@ def _check_sample(
     return problems, images
 
 
-def check_shard(out: Path, entry: ShardEntry) -> tuple[list[str], int, int]:
+def check_shard(out: Location | str, entry: ShardEntry) -> tuple[list[str], int, int]:
     """Re-hash and re-read one shard against its entry: ``(problems, images, bytes read)``."""
-    path = Path(out) / entry.shard
+    path = location(out) / entry.shard
     where = entry.shard
     if not path.is_file():
         return [f"{where}: shard file is missing"], 0, 0
     problems: list[str] = []
     images = 0
     seen = 0
-    with open(path, "rb") as raw:
+    extents: dict[str, tuple[int, int]] = {}
+    with open_read(path) as raw:
         reader = _HashingReader(raw)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for key, members in group_samples(_stream_members(tar)):
+                for key, members in group_samples(_stream_members(tar, extents)):
                     row = entry.samples[seen] if seen < len(entry.samples) else None
                     if row is not None and row[0] != key:
                         problems.append(f"{where}: sample {seen} is {key}, the index says {row[0]}")
                         row = None
+                    if row is not None:
+                        problems += _check_range(where, seen, key, extents[key], entry)
                     sample_problems, sample_images = _check_sample(where, key, members, row)
                     problems += sample_problems
                     images += sample_images
@@ -229,7 +262,7 @@ def _check_records(report: VerifyReport, entries: list[ShardEntry], records: int
             report.problems.append(f"records {shown}{more} are {what}")
 
 
-def _check_rejects_file(report: VerifyReport, out: Path, entries: list[ShardEntry]) -> None:
+def _check_rejects_file(report: VerifyReport, out: Location, entries: list[ShardEntry]) -> None:
     path = out / REJECTS_FILE
     if not path.is_file():
         report.problems.append(f"{REJECTS_FILE} is missing: re-run mvprep build to write it")
@@ -248,9 +281,10 @@ def _check_rejects_file(report: VerifyReport, out: Path, entries: list[ShardEntr
         )
 
 
-def verify_dataset(out: Path) -> VerifyReport:
-    """Check a finished build in ``out`` completely; never raises on a bad dataset."""
-    out = Path(out)
+def verify_dataset(out: Location | str) -> VerifyReport:
+    """Check a finished build in ``out`` completely; never raises on a bad dataset (an
+    unreachable store raises :class:`mvshards.storage.StorageError`)."""
+    out = location(out)
     report = VerifyReport(out=out, image_sizes_checked=Image is not None)
     if Image is None:
         report.warnings.append("Pillow is not installed: image sizes were not checked")
@@ -294,7 +328,8 @@ def verify_dataset(out: Path) -> VerifyReport:
     for path in sorted(out.glob("*.tar")):
         if path.name not in names:
             report.warnings.append(
-                f"{path.name} is not in {MANIFEST_FILE} (left from another run?)"
+                f"{path.name} is not in {MANIFEST_FILE} (left from another run, or an "
+                "unfinished upload: ignored)"
             )
     for path in sorted(out.glob("*" + TMP_SUFFIX)):
         report.warnings.append(f"{path.name} is an unfinished temporary file")

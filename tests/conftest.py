@@ -5,6 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from s3_server import s3, s3_server  # noqa: E402, F401 - fixtures: a real S3 endpoint (moto)
+
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -31,3 +33,11 @@ def two_rank_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("run") / "a"
     _train(shards, out, *TWO_RANK_ARGS, "--batch-log", str(out / "batches.jsonl"))
     return out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with a slow test run first (each module's tests stay together and in order, so
+    module fixtures are built once): under ``-n 2`` the many short tests then fill in at the
+    end, instead of one worker finishing a long run alone while the other idles."""
+    slow = {item.module for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.module not in slow)

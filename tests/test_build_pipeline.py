@@ -221,3 +221,32 @@ def test_cli_build_prints_a_summary(dataset: Path, tmp_path: Path) -> None:
     assert f"each one, with its record  {out / 'rejects.jsonl'}" in proc.stdout  # set has rejects
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["max_slice_nums"] == 4
+
+
+def test_a_build_after_opencv_used_its_threads_in_the_same_process(tmp_path: Path) -> None:
+    """A notebook that resized with OpenCV (its thread pool up) and then calls build(): the
+    forked workers must not hang in their first cv2 call (they did before the pool stopped
+    OpenCV's threads in the parent while forking)."""
+    data = make_pipeline_dataset(tmp_path / "set", count=3)
+    script = (
+        "import sys, cv2, numpy as np\n"
+        "from pathlib import Path\n"
+        "from mvprep.build import build\n"
+        "from mvprep.options import BuildOptions\n"
+        "image = np.zeros((3000, 4000, 3), np.uint8)\n"
+        "threads = cv2.getNumThreads()\n"
+        "for _ in range(3):\n"
+        "    cv2.resize(image, (1000, 700), interpolation=cv2.INTER_AREA)\n"
+        "options = BuildOptions(data_path=Path(sys.argv[1]), out_dir=Path(sys.argv[2]),"
+        " max_res=448)\n"
+        "assert build(options, workers=2, progress=False).ok\n"
+        "assert cv2.getNumThreads() == threads, 'the thread count was not restored'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(data), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert verify_dataset(tmp_path / "out").ok

@@ -295,6 +295,47 @@ def test_the_chunked_loss_drops_the_log_probs_from_the_model() -> None:
     assert on.peak_bytes(4096, 40000) < off.peak_bytes(4096, 40000) - 8 * 2**30
 
 
+def test_below_fp32_a_micro_batch_up_to_one_chunk_rows_is_one_chunk() -> None:
+    """MiniCPM-V 2.6 in bf16 (151,666 x 3,584 head): over several chunks the head's fp32
+    gradient accumulator (2.2 GB) costs more than the plain loss's logits up to ~1,800 label
+    rows; one chunk needs none. The chunked loss is then never above the plain loss, and its
+    peak has no step at the switch from one chunk to several."""
+    from mvtrain.memory.params import RemoteConfig
+    from mvtrain.model.chunked_loss import chunk_rows_for, one_chunk_rows
+
+    config = RemoteConfig(raw=memory_configs.REAL_26)
+    on = activation_model(config, TrainingSetup(bf16=True))
+    off = activation_model(config, TrainingSetup(bf16=True, chunked_loss=False))
+    vocab, hidden = 151666, 3584
+    single = one_chunk_rows(vocab, hidden, 2, head_trains=True)
+    assert chunk_rows_for(vocab) < single == on.loss_one_chunk_rows
+    assert one_chunk_rows(vocab, hidden, 4, head_trains=True) == chunk_rows_for(vocab)
+    assert one_chunk_rows(vocab, hidden, 2, head_trains=False) == chunk_rows_for(vocab)
+    for tokens in (64, 256, 1024, single + 1, 2048, 4096):
+        assert on.peak_bytes(tokens, 0, 1, tokens) <= off.peak_bytes(tokens, 0, 1, tokens)
+    below, above = (on.peak_bytes(n, 0, 1, n) for n in (single + 1, single + 2))
+    assert 0 <= above - below < 0.001 * below  # the rows of one chunk cost what the buffer does
+
+
+def test_one_chunk_gives_the_head_the_plain_losss_gradient_in_bf16() -> None:
+    """bf16 weights (DeepSpeed's): one chunk's head gradient is the plain loss's matmul."""
+    from mvtrain.model.chunked_loss import chunked_token_losses
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, 32, generator=gen).bfloat16().requires_grad_(True)
+    weight = torch.randn(300, 32, generator=gen).bfloat16().requires_grad_(True)
+    labels = torch.randint(300, (2, 40), generator=gen)
+    labels[:, :5] = IGNORE_INDEX
+    losses, _, _ = chunked_token_losses(hidden, weight, labels, pre_shifted=False)
+    got = torch.autograd.grad(losses.sum(), (hidden, weight))
+    logits = F.linear(hidden[:, :-1], weight).float()
+    plain = F.cross_entropy(logits.reshape(-1, 300), labels[:, 1:].reshape(-1), reduction="sum")
+    want = torch.autograd.grad(plain, (hidden, weight))
+    assert got[1].dtype == torch.bfloat16
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_plan_shows_the_loss_and_the_remedy_when_off(shards: Path) -> None:
     from mvtrain.memory.plan import PlanRequest, make_plan

@@ -3,7 +3,6 @@ environment (the CUDA allocator default)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -52,20 +51,8 @@ def test_a_timeout_shorter_than_rank_0s_recount_fails_the_run(
     assert proc.returncode != 0, output[-3000:]
     assert "Timed out waiting 4800ms" in output, output[-6000:]
     assert "in gather_counts" in output, "the timeout was not in the gather of the counts"
-
-
-@pytest.mark.slow
-def test_a_timeout_longer_than_rank_0s_recount_lets_the_run_finish(
-    shards: Path, tmp_path: Path
-) -> None:
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "out"
-    proc, seconds = _two_ranks(shards, out, "deepspeed", timeout_minutes=1.0)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    assert seconds > SLEEP_S
-    run = json.loads((out / "run.json").read_text())
-    assert run["world_size"] == 2 and run["config"]["dist_timeout_minutes"] == "1.0"
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    # (ranks that wait in this gather within the timeout go on: every 2-rank run of the
+    # suite does, under the default --dist-timeout)
 
 
 @pytest.mark.slow

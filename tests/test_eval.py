@@ -165,8 +165,8 @@ def _eval_rows(out: Path) -> dict[int, dict[str, Any]]:
 def _plain_eval(model: Any, tokenizer: Any, held: list[Path], count: int) -> dict[str, Any]:
     """The first ``count`` eval samples (folder by folder, dataset order), each forwarded
     alone with ``F.cross_entropy``: token-weighted mean loss overall and per group."""
-    from mvtrain.data.loader import ShardAccess
     from mvtrain.data.sample import load_sample
+    from mvtrain.data.shard_access import ShardAccess
     from mvtrain.model.adapters import adapter_for
 
     sums: dict[str, list[float]] = {}
@@ -205,6 +205,7 @@ def _assert_matches(row: dict[str, Any], plain: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")  # with test_train_run's: one build
 def test_eval_leaves_training_bit_for_bit_as_without_it(eval_run: Path, two_rank_run: Path) -> None:
     assert _losses(eval_run) == _losses(two_rank_run)
     assert sorted(_losses(eval_run)) == [1, 2, 3, 4, 5, 6]
@@ -212,6 +213,7 @@ def test_eval_leaves_training_bit_for_bit_as_without_it(eval_run: Path, two_rank
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")  # with test_train_run's: one build
 def test_eval_loss_is_the_token_weighted_loss_of_plain_forwards(
     eval_run: Path, held: list[Path], shards: Path
 ) -> None:
@@ -232,6 +234,7 @@ def test_eval_loss_is_the_token_weighted_loss_of_plain_forwards(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_rank_run")  # with test_train_run's: one build
 def test_save_best_keeps_the_checkpoint_and_export_of_the_lowest_eval_loss(
     eval_run: Path,
 ) -> None:

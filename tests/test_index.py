@@ -66,10 +66,10 @@ def _reject(index: int) -> dict[str, Any]:
 
 
 def build_out(
-    out: Path, plan: list[list[str]] = PLAN, image_table: bool = True
+    out: Path, plan: list[list[str]] = PLAN, image_table: bool = True, ranges: bool = True
 ) -> list[ShardEntry]:
     """A finished build in ``out``, written the way mvprep writes one (``image_table=False``:
-    as an mvprep that wrote no per-image table)."""
+    as an mvprep that wrote no per-image table; ``ranges=False``: no sample byte ranges)."""
     out.mkdir(exist_ok=True)
     write_build_params(out, PARAMS)
     entries = []
@@ -100,6 +100,7 @@ def build_out(
             samples=[meta.index_row() for meta, _ in samples],
             rejects=rejects,
             stats={**stats, "wall_seconds": 0.5},
+            sample_offsets=list(info.sample_offsets) if ranges else None,
         )
         write_entry(out, entry)
         entries.append(entry)
@@ -185,6 +186,20 @@ def test_entry_file_round_trip(tmp_path):
     assert read_entry(tmp_path, 3) == entry
     assert read_entry(tmp_path, 4) is None  # missing: not finished, no warning
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["000003.json"]
+
+
+def test_sample_offsets_round_trip_and_are_checked_for_shape(tmp_path):
+    entry = ShardEntry(3, shard_name(3), [9, 12], "cd" * 32, 20480, 1, [["000000010", 5, 6, 1]])
+    assert "sample_offsets" not in entry.to_json()  # as an older mvprep wrote it
+    entry.sample_offsets = [0, 3072]
+    write_entry(tmp_path, entry)
+    assert read_entry(tmp_path, 3) == entry and entry.to_json()["sample_offsets"] == [0, 3072]
+    for bad in ([0], [0, 512, 1024], [0, -512], [0, 1.5], [0, True], "0 3072"):
+        raw = json.loads(entry_path(tmp_path, 3).read_bytes())
+        raw["sample_offsets"] = bad
+        entry_path(tmp_path, 3).write_text(json.dumps(raw))
+        with pytest.warns(CorruptEntryWarning, match="sample_offsets"):
+            assert read_entry(tmp_path, 3) is None
 
 
 @pytest.mark.parametrize(
@@ -329,6 +344,50 @@ def test_load_index_reads_the_per_image_table(out):
     assert entry is not None and entry.image_columns() is not None
 
 
+def test_load_index_carries_each_samples_byte_range(out, tmp_path):
+    index = load_index(out)
+    for shard in index.shards:
+        entry = read_entry(out, shard.unit)
+        ranges = shard.sample_ranges
+        assert entry is not None and ranges is not None and entry.sample_offsets is not None
+        assert ranges.keys.tolist() == [row[0] for row in entry.samples]
+        assert ranges.offsets.tolist() == entry.sample_offsets
+        spans = [ranges.span(k) for k in ranges.keys.tolist()]
+        assert spans == list(zip(entry.sample_offsets, entry.sample_offsets[1:], strict=False))
+    assert index.shards[1].sample_ranges.span("000000002") is None  # a key of no sample
+    build_out(tmp_path / "old", ranges=False)  # an older mvprep's index: no ranges, loads
+    assert [s.sample_ranges for s in load_index(tmp_path / "old").shards] == [None] * 3
+
+
+def test_the_reader_fetches_a_sample_at_its_range_without_the_headers_walk(out, tmp_path):
+    from mvtrain.data.shard_access import ShardAccess, ShardReadError
+
+    build_out(tmp_path / "old", ranges=False)
+    new, old = load_index(out), load_index(tmp_path / "old")
+    kinds = [kind for kind in sum(PLAN, []) if kind != "reject"]
+    wanted = [(int(s), str(k)) for s, k in zip(new.shard_ids, new.keys, strict=True)]
+    expected = {w: make_sample(int(w[1]), kind)[1] for w, kind in zip(wanted, kinds, strict=True)}
+
+    def read(index: Any, order: list[tuple[int, str]]) -> list[dict[str, bytes]]:
+        ranges = [s.sample_ranges for s in index.shards]
+        access = ShardAccess(index.shard_paths(), ranges=ranges)
+        return [access.members(s, k) for s, k in order]
+
+    assert read(new, wanted) == read(old, wanted) == [expected[w] for w in wanted]
+    for folder in (out, tmp_path / "old"):  # garble the first header: sample 000000003's
+        with open(folder / "000001.tar", "r+b") as handle:
+            handle.write(b"\xff" * 512)
+    later = [w for w in wanted if w[0] == 1 and w[1] != "000000003"]
+    assert read(load_index(out), later) == [expected[w] for w in later]  # no walk: unhurt
+    with pytest.raises(ShardReadError, match="sample 000000004 cannot be read"):
+        read(load_index(tmp_path / "old"), later)  # the walk cannot pass the bad header
+    with pytest.raises(ShardReadError) as caught:
+        read(load_index(out), [(1, "000000003")])
+    assert str(caught.value).startswith(
+        f"{out / '000001.tar'}: sample 000000003 cannot be read at bytes [0, "
+    )
+
+
 def test_an_index_without_the_per_image_table_loads_without_it(tmp_path):
     build_out(tmp_path / "old", image_table=False)
     index = load_index(tmp_path / "old")
@@ -384,6 +443,8 @@ def _rewrite_shard(out: Path, unit: int, samples: list[tuple[str, dict[str, byte
         info = writer.commit()
     entries = [read_entry(out, u) for u in range(len(PLAN))]
     entries[unit].sha256, entries[unit].num_bytes = info.sha256, info.num_bytes
+    if len(info.sample_offsets) == entries[unit].num_samples + 1:  # else the count differs
+        entries[unit].sample_offsets = list(info.sample_offsets)
     write_entry(out, entries[unit])
     write_manifest(out, PARAMS, entries, extra={})
 
@@ -475,6 +536,29 @@ def test_verify_detects_records_in_no_place_or_two(out):
     problems = verify_dataset(out).problems
     assert "records 7 are in no shard and no reject" in problems
     assert "records 6 are in several places" in problems
+
+
+def test_verify_and_the_reader_refuse_a_wrong_sample_range(out):
+    from mvtrain.data.shard_access import ShardAccess, ShardReadError
+
+    entry = read_entry(out, 1)
+    assert entry is not None and entry.sample_offsets is not None
+    right = list(entry.sample_offsets)
+    entry.sample_offsets[2] += 512  # the boundary between samples 000000004 and 000000005
+    write_entry(out, entry)
+    assert verify_dataset(out).problems == [
+        f"000001.tar: sample 000000004 lies at bytes [{right[1]}, {right[2]}) of the tar, its "
+        f"index entry records [{right[1]}, {right[2] + 512})",
+        f"000001.tar: sample 000000005 lies at bytes [{right[2]}, {right[3]}) of the tar, its "
+        f"index entry records [{right[2] + 512}, {right[3]})",
+    ]
+    index = load_index(out)
+    access = ShardAccess(index.shard_paths(), ranges=[s.sample_ranges for s in index.shards])
+    assert access.members(1, "000000003") == _unit1()[0][1]  # its range is right
+    with pytest.raises(ShardReadError) as caught:
+        access.members(1, "000000005")
+    assert str(caught.value).startswith(f"{out / '000001.tar'}: sample 000000005 ")
+    assert str(caught.value).endswith(f"run `mvprep verify {out}` and rebuild the shards it names")
 
 
 def test_verify_without_manifest(out):

@@ -202,7 +202,7 @@ def test_a_garbled_sample_of_the_right_size_names_its_shard_and_mvprep_verify(
 
     from mvshards.index import load_index
     from mvtrain.data.lengths import exact_lengths
-    from mvtrain.data.loader import ShardReadError
+    from mvtrain.data.shard_access import ShardReadError
     from mvtrain.model.tiny import load_tiny_tokenizer
 
     copy = tmp_path / "shards"

@@ -1,5 +1,7 @@
-"""The trainer's pixels on real built shards: normalisation and slices equal the
-transformers image processor; errors name the sample and member."""
+"""The trainer's pixels on real built shards: the model's input made from the loader's uint8
+(sub)images (normalised and patchified by :func:`mvtrain.model.pixel_input.model_inputs`, as
+the step does on its device) equals the transformers image processor's, bit for bit; errors
+name the sample and member."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from PIL import Image
 from train_fixtures import MAX_SLICE_NUMS, Loaded
 
 from mvshards.families import NATIVE_46, REMOTE_26
-from mvtrain.data.pixels import PixelError, normalise, sample_pixels
+from mvtrain.data.pixels import PixelError, sample_pixels
+from mvtrain.model.adapters import adapter_for
+from mvtrain.model.pixel_input import norm_table
 
 # The shared module-scoped fixtures (``loaded`` needs the other four), bound here so that
 # this module gets its own instances.
@@ -33,13 +37,11 @@ def test_normalisation_is_bit_exact_for_every_byte() -> None:
     proc = MiniCPMV4_6ImageProcessorPil()
     values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16).repeat(3, axis=0)  # CHW
     ref46 = proc.normalize(proc.rescale(values, 1 / 255), proc.image_mean, proc.image_std)
-    ours46 = normalise(values.transpose(1, 2, 0), NATIVE_46).transpose(2, 0, 1)
+    ours46 = norm_table(NATIVE_46.pixels)[torch.from_numpy(values).long()].numpy()
     assert ref46.dtype == ours46.dtype == np.float32 and np.array_equal(ref46, ours46)
     # The official 2.6 fine-tuning transform: ToTensor (x / 255) then Normalize(0.5, 0.5).
     t = torch.from_numpy(values).float().div(255).sub(0.5).div(0.5)
-    assert torch.equal(
-        t, torch.from_numpy(normalise(values.transpose(1, 2, 0), REMOTE_26)).permute(2, 0, 1)
-    )
+    assert torch.equal(t, norm_table(REMOTE_26.pixels)[torch.from_numpy(values).long()])
     assert ours46.min() == -1.0 and ours46.max() == 1.0
 
 
@@ -51,12 +53,19 @@ def test_pixels_equal_the_image_processor(loaded: dict[str, Loaded]) -> None:
     from transformers import MiniCPMV4_6ImageProcessorPil
 
     proc = MiniCPMV4_6ImageProcessorPil()
+    adapter = adapter_for("minicpmv-4.6")
     sources = slices = 0
     for meta, members, sample in loaded["minicpmv-4.6"]:
+        if not sample.tgt_sizes:
+            continue
+        assert all(p.dtype == torch.uint8 for p in sample.pixel_values)
+        packed = adapter.collate([sample])["pixel_values"][0].numpy()  # [3, 14, sum L_i*14]
+        cuts = np.cumsum([0] + [r * c * 14 for r, c in sample.tgt_sizes])
+        views = [packed[:, :, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         k = 0
         for entry in meta.images:
             n = len(entry.layout.tgt_sizes)
-            ours = [p.numpy() for p in sample.pixel_values[k : k + n]]
+            ours = views[k : k + n]
             for p, (r, c) in zip(ours, entry.layout.tgt_sizes, strict=True):
                 assert p.shape == (3, 14, r * c * 14) and p.dtype == np.float32
                 assert p.min() >= -1.0 and p.max() <= 1.0

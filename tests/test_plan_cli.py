@@ -15,23 +15,33 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "scripts" / "configs"
 MVTRAIN = [sys.executable, "-m", "mvtrain.cli"]
 
-pytestmark = pytest.mark.slow  # every test runs the CLI (or gpu_check.py) in a subprocess
+pytestmark = pytest.mark.slow  # builds shards; plans a 1.3B/8B model; runs the CLI
 
 
-def _plan(shards: Path, *args: str) -> tuple[int, dict]:
-    proc = subprocess.run(
-        [*MVTRAIN, "plan", "--shards", str(shards), *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode in (0, 3), proc.stderr[-3000:]
-    return proc.returncode, json.loads(proc.stdout)
+def _plan(shards: Path, *args: str, subprocess_cli: bool = False) -> tuple[int, dict]:
+    """``mvtrain plan ... --json``: its exit code and JSON. In this process by default (the
+    same click command; the test process has torch and transformers imported already), in a
+    fresh interpreter with ``subprocess_cli`` (the installed entry point, as a user runs it)."""
+    argv = ["plan", "--shards", str(shards), *args, "--json"]
+    if subprocess_cli:
+        proc = subprocess.run([*MVTRAIN, *argv], capture_output=True, text=True, timeout=300)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        from click.testing import CliRunner
+
+        from mvtrain.cli import main
+
+        result = CliRunner().invoke(main, argv, catch_exceptions=False)
+        code, out, err = result.exit_code, result.stdout, result.stderr
+    assert code in (0, 3), err[-3000:]
+    return code, json.loads(out)
 
 
 def test_plan_of_a_config_only_folder_fits_and_reports_every_field(shards: Path) -> None:
     assert sorted(p.name for p in (CONFIGS / "minicpmv-4.6").iterdir()) == ["config.json"]
-    code, plan = _plan(shards, "--model", str(CONFIGS / "minicpmv-4.6"), "--gpu-mem", "80GiB")
+    code, plan = _plan(
+        shards, "--model", str(CONFIGS / "minicpmv-4.6"), "--gpu-mem", "80GiB", subprocess_cli=True
+    )
     assert code == 0
     for key in (
         "params_total",
@@ -140,24 +150,14 @@ def test_probe_refuses_without_cuda(shards: Path, tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the probe would run for real")
-    proc = subprocess.run(
-        [
-            *MVTRAIN,
-            "probe",
-            "--shards",
-            str(shards),
-            "--model",
-            "tiny",
-            "--dtype",
-            "fp32",
-            "--save",
-            str(tmp_path / "fit.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0 and "needs CUDA" in proc.stderr
+    from click.testing import CliRunner
+
+    from mvtrain.cli import main
+
+    argv = ["probe", "--shards", str(shards), "--model", "tiny", "--dtype", "fp32"]
+    result = CliRunner().invoke(main, [*argv, "--save", str(tmp_path / "fit.json")])
+    assert result.exit_code != 0 and "needs CUDA" in result.stderr
+    assert not (tmp_path / "fit.json").exists()
 
 
 def test_sizes_have_one_reading_and_p99_is_the_nearest_rank() -> None:

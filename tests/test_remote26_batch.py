@@ -3,9 +3,10 @@
 Ours: ``mvprep build --profile minicpmv-2.6 --max-res 1344`` (the library
 :func:`mvprep.build.build`; with ``--tokenizer`` for the default JPEG shards, so the planner's
 exact token counts are checked too) writes shards; each sample is read back from
-its shard and loaded by :func:`mvtrain.data.sample.load_sample`, and the samples are collated
-by :meth:`mvtrain.model.adapters.Remote26Adapter.collate` (from :func:`adapter_for`, as the
-session picks it).
+its shard and loaded by :func:`mvtrain.data.sample.load_sample` (uint8 pixels), the samples are
+collated by :meth:`mvtrain.model.adapters.Remote26Adapter.host_batch` (from
+:func:`adapter_for`, as the session picks it) and made the model's inputs by
+:func:`mvtrain.model.pixel_input.model_inputs`, as the step does on its device.
 
 Official: the same source image files and conversations through ``preprocess`` (``llm_type
 "qwen"``, ``batch_vision``), the ``SupervisedDataset`` item dict and ``data_collator`` of
@@ -54,6 +55,7 @@ from mvshards.tario import iter_shard
 from mvtrain.data.sample import load_sample
 from mvtrain.data.tokenize import IGNORE_INDEX
 from mvtrain.model.adapters import Remote26Adapter, adapter_for
+from mvtrain.model.pixel_input import PixelPack, model_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -216,8 +218,9 @@ def setup(request: pytest.FixtureRequest, source: dict[str, Any]) -> dict[str, A
 
 
 def ours_batch(setup: dict[str, Any], ids: list[str]) -> dict[str, Any]:
-    """What ``mvtrain run`` feeds the model: ``load_sample`` per stored sample, then the
-    2.6 adapter's ``collate`` (a fresh copy each call: tests may alter it)."""
+    """What ``mvtrain run`` feeds the model: ``load_sample`` per stored sample, the 2.6
+    adapter's ``host_batch``, then ``model_inputs`` (a fresh copy each call: tests may alter
+    it)."""
     cache = setup["ours"]
     if tuple(ids) not in cache:
         tok = setup["tok"]
@@ -232,7 +235,10 @@ def ours_batch(setup: dict[str, Any], ids: list[str]) -> dict[str, Any]:
             samples.append(loaded)
         adapter = adapter_for(PROFILE, tok)
         assert isinstance(adapter, Remote26Adapter)
-        cache[tuple(ids)] = adapter.collate(samples)
+        host = adapter.host_batch(samples)
+        assert isinstance(host["pixel_values"], PixelPack)
+        assert host["pixel_values"].rows.dtype == torch.uint8
+        cache[tuple(ids)] = model_inputs(host, "cpu")
     return copy.deepcopy(cache[tuple(ids)])
 
 

@@ -30,17 +30,6 @@ def test_resume_without_a_checkpoint_is_an_error(shards: Path, tmp_path: Path) -
     assert not (tmp_path / "empty" / "metrics.jsonl").exists()
 
 
-def test_metrics_log_the_rate_each_step_used(shards: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = _run(shards, out, "--max-steps", "3", "--lr", "1e-3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logged = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    # no warm-up: cosine from the peak (step 1) towards 10% of it over the 3 steps
-    expected = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 3))) for k in range(3)]
-    assert logged == pytest.approx(expected, rel=1e-9)
-    assert logged[0] == pytest.approx(1e-3)
-
-
 def _steps(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -81,29 +70,34 @@ def test_resume_and_overwrite_together_are_refused(shards: Path, tmp_path: Path)
 
 def test_resume_keeps_the_schedule_unless_a_change_is_allowed(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = _run(shards, out, "--max-steps", "2", "--lr", "1e-3")
+    first = _run(shards, out, "--max-steps", "3", "--lr", "1e-3")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((out / "run.json").read_text())["lr_schedule"]["total_steps"] == 2
+    assert json.loads((out / "run.json").read_text())["lr_schedule"]["total_steps"] == 3
     metrics = (out / "metrics.jsonl").read_bytes()
+    logged = [json.loads(x)["lr"] for x in metrics.decode().splitlines()]
+    # the rate each step used: no warm-up, cosine from the peak (step 1) towards 10% of it
+    expected = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 3))) for k in range(3)]
+    assert logged == pytest.approx(expected, rel=1e-9)
+    assert logged[0] == pytest.approx(1e-3)
 
-    refused = _run(shards, out, "--max-steps", "4", "--lr", "1e-3", "--resume")
+    refused = _run(shards, out, "--max-steps", "5", "--lr", "1e-3", "--resume")
     assert refused.returncode != 0
-    assert "2 total steps" in refused.stderr and "4 total steps" in refused.stderr
+    assert "3 total steps" in refused.stderr and "5 total steps" in refused.stderr
     assert "--schedule-change" in refused.stderr
     assert (out / "metrics.jsonl").read_bytes() == metrics
 
-    args = ("--max-steps", "4", "--lr", "1e-3", "--resume", "--schedule-change")
+    args = ("--max-steps", "5", "--lr", "1e-3", "--resume", "--schedule-change")
     changed = _run(shards, out, *args)
     assert changed.returncode == 0, changed.stderr[-3000:]
     lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert _steps(out) == [1, 2, 3, 4]
-    old = [_cosine(1e-3, 2, k) for k in range(2)]
-    assert lrs == pytest.approx(old + [_cosine(1e-3, 4, k) for k in (2, 3)], rel=1e-9)
+    assert _steps(out) == [1, 2, 3, 4, 5]
+    old = [_cosine(1e-3, 3, k) for k in range(3)]
+    assert lrs == pytest.approx(old + [_cosine(1e-3, 5, k) for k in (3, 4)], rel=1e-9)
     record = json.loads((out / "run.json").read_text())
-    assert record["lr_schedule"]["total_steps"] == 4
+    assert record["lr_schedule"]["total_steps"] == 5
     [change] = record["lr_schedule_changes"]
-    assert change["step"] == 2
-    assert (change["from"]["total_steps"], change["to"]["total_steps"]) == (2, 4)
+    assert change["step"] == 3
+    assert (change["from"]["total_steps"], change["to"]["total_steps"]) == (3, 5)
 
 
 def test_a_changed_peak_applies_from_the_resumed_step() -> None:

@@ -19,11 +19,12 @@ from torch.overrides import TorchFunctionMode
 from train_fixtures import Loaded, _text_only, _with_images
 
 from mvtrain.budgets import Budgets
-from mvtrain.data.loader import make_micro_batch, to_device
+from mvtrain.data.loader import make_micro_batch
 from mvtrain.distributed import DistInfo
 from mvtrain.engine import make_engine
 from mvtrain.metrics import BatchLog
 from mvtrain.model.adapters import adapter_for
+from mvtrain.model.pixel_input import to_device
 from mvtrain.model.tiny import build_tiny_model
 from mvtrain.step import WindowRunner
 

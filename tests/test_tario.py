@@ -70,6 +70,33 @@ def test_headers_are_fixed(tmp_path):
         assert m.isfile() and not m.pax_headers
 
 
+def _tarfile_spans(path: Path) -> list[tuple[int, int]]:
+    """Per sample, as tarfile reads the tar: its first member's header offset (a GNU long
+    name's ``././@LongLink`` header included) to its last member's padded data end."""
+    spans: dict[str, list[int]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            spans.setdefault(m.name.split(".")[0], [m.offset, end])[1] = end
+    return [(start, stop) for start, stop in spans.values()]
+
+
+def test_sample_offsets_are_where_tarfile_finds_each_sample(tmp_path):
+    samples = [make_sample(i, k) for i, k in enumerate(MIXED)]
+    with ShardWriter(tmp_path / "s.tar") as writer:
+        for meta, members in samples:
+            writer.add_sample(meta.key, members)
+        writer.add_sample("z" * 120, {"json": b"{}", "txt": b"x" * 700})  # a GNU long name
+        info = writer.commit()
+    offsets = info.sample_offsets
+    assert len(offsets) == len(samples) + 2 and offsets[0] == 0
+    assert list(zip(offsets, offsets[1:], strict=False)) == _tarfile_spans(info.path)
+    tail = info.path.read_bytes()[offsets[-1] :]  # then only the end-of-archive zeros
+    assert len(tail) >= 2 * tarfile.BLOCKSIZE and tail == bytes(len(tail))
+    with ShardWriter(tmp_path / "e.tar") as writer:
+        assert writer.commit().sample_offsets == (0,)  # no sample: one offset
+
+
 def test_reader_groups_members_by_key(tmp_path):
     samples = [make_sample(i, k) for i, k in enumerate(MIXED)]
     info = write_shard(tmp_path / "s.tar", samples)

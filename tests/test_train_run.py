@@ -11,8 +11,10 @@ from run_helpers import PATCHES, TOKENS, _digests, _env, _losses, _train
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow  # subprocess runs, 2 ranks of DeepSpeed
+TWO_RANK_RUN = pytest.mark.xdist_group("two_rank_run")  # one worker builds the run (conftest)
 
 
+@TWO_RANK_RUN
 def test_two_ranks_zero2_loss_falls_and_weights_agree(two_rank_run: Path) -> None:
     losses = _losses(two_rank_run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -22,6 +24,7 @@ def test_two_ranks_zero2_loss_falls_and_weights_agree(two_rank_run: Path) -> Non
     assert run["engine"] == "deepspeed" and run["world_size"] == 2
 
 
+@TWO_RANK_RUN
 def test_batch_log_respects_the_budgets_on_every_rank(two_rank_run: Path) -> None:
     lines = [json.loads(x) for x in (two_rank_run / "batches.jsonl").read_text().splitlines()]
     assert {line["rank"] for line in lines} == {0, 1}
@@ -34,6 +37,7 @@ def test_batch_log_respects_the_budgets_on_every_rank(two_rank_run: Path) -> Non
     assert per_rank[0] == per_rank[1] == 6, "every rank runs the same number of micro-batches"
 
 
+@TWO_RANK_RUN
 def test_kill_then_resume_matches_the_uninterrupted_run_bitwise(
     shards: Path, two_rank_run: Path, tmp_path: Path
 ) -> None:
@@ -47,6 +51,7 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bitwise(
     assert _digests(out) == _digests(two_rank_run)
 
 
+@TWO_RANK_RUN
 def test_the_export_loads_back_in_transformers(two_rank_run: Path) -> None:
     from transformers import AutoModelForImageTextToText
 

@@ -1,11 +1,15 @@
-"""Checkpoints: engine state (DeepSpeed or torch) plus each rank's data position and RNG.
+"""Checkpoints: engine state (DeepSpeed or torch) plus the run's data position and RNG.
 
 Layout: ``OUT/checkpoints/step-000012/`` holds the engine's files, ``rank-R.pt`` per rank
-(data position, RNG states, budgets, learning-rate schedule), and ``COMPLETE``, written by
-rank 0 after every rank has saved. A checkpoint without ``COMPLETE`` (a kill during the
-save) is never resumed from. The data position is the global optimizer step: the batch plan
-is a pure function of the index, the seed and the epoch, so a resumed run recomputes it and
-skips to that step.
+(step, RNG states, budgets, learning-rate schedule, events; rank 0's also the data position
+and the setup the engine state belongs to), and ``COMPLETE``, written by rank 0 after every
+rank has saved. A checkpoint without ``COMPLETE`` (a kill during the save) is never resumed
+from. The data position (:class:`~mvtrain.batching.position.DataPosition`) is the set of the
+current epoch's samples trained so far and the settings of the plan in progress, so a resume
+with the same settings continues that plan by step and one with other settings (world size,
+budgets, ``--grad-accum``) plans the rest of the epoch anew. Every rank reads rank 0's file;
+a rank restores its own RNG states when the world size is the checkpoint's, else it is
+seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mvtrain.batching.position import DataPosition
 from mvtrain.budgets import Budgets
 from mvtrain.distributed import DistInfo, barrier
 from mvtrain.engine import Engine
@@ -60,6 +65,20 @@ class TrainState:
     schedule: dict[str, Any] | None = None
     """The learning-rate schedule in force (:class:`mvtrain.lr_schedule.LrSchedule` as a dict);
     None in checkpoints saved before it was recorded."""
+    position: DataPosition | None = None
+    """Where the run stands in the data (set before each save; None in checkpoints saved
+    before it was recorded: the step alone, with the same settings)."""
+    setup: dict[str, Any] | None = None
+    """What the engine state belongs to (:func:`mvtrain.resume_checks.setup_record`)."""
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What rank 0's file of a checkpoint says about the run that wrote it."""
+
+    tag: str
+    state: TrainState
+    world_size: int
 
 
 def _rng_state() -> dict[str, Any]:
@@ -100,6 +119,7 @@ def save_checkpoint(output: Path, engine: Engine, state: TrainState, info: DistI
     engine.save(root, tag)
     rank_file = folder / f"rank-{info.rank}.pt"
     tmp = rank_file.with_suffix(".pt.tmp")
+    position = state.position if info.is_main and state.position is not None else None
     torch.save(
         {
             "step": state.step,
@@ -107,6 +127,8 @@ def save_checkpoint(output: Path, engine: Engine, state: TrainState, info: DistI
             "events": state.events,
             "schedule": state.schedule,
             "rng": _rng_state(),
+            "position": position.as_dict() if position is not None else None,
+            "setup": state.setup,
         },
         tmp,
     )
@@ -118,21 +140,56 @@ def save_checkpoint(output: Path, engine: Engine, state: TrainState, info: DistI
     return folder
 
 
-def load_checkpoint(output: Path, tag: str, engine: Engine, info: DistInfo) -> TrainState:
-    root = checkpoint_root(output)
-    rank_file = root / tag / f"rank-{info.rank}.pt"
-    if not rank_file.exists():
-        raise FileNotFoundError(
-            f"{rank_file} is missing: the checkpoint was written by a run with a different "
-            "number of processes; resume with the same --nproc-per-node"
-        )
-    engine.load(root, tag)
-    saved = torch.load(rank_file, map_location="cpu", weights_only=False)
-    _set_rng_state(saved["rng"])
-    budgets = Budgets.of(saved["budgets"])
-    return TrainState(
+def read_checkpoint(output: Path, tag: str) -> SavedRun:
+    """The run state rank 0 saved in checkpoint ``tag`` (every rank reads the same file)."""
+    folder = checkpoint_root(output) / tag
+    saved = torch.load(folder / "rank-0.pt", map_location="cpu", weights_only=False)
+    setup = saved.get("setup")
+    world_size = int(setup["world_size"]) if setup else len(list(folder.glob("rank-*.pt")))
+    position = saved.get("position")
+    state = TrainState(
         step=saved["step"],
-        budgets=budgets,
+        budgets=Budgets.of(saved["budgets"]),
         events=saved["events"],
         schedule=saved.get("schedule"),
+        position=DataPosition.of(position) if position is not None else None,
+        setup=setup,
     )
+    return SavedRun(tag, state, world_size)
+
+
+def load_checkpoint(
+    output: Path, saved: SavedRun, engine: Engine, info: DistInfo, seed: int, engine_tag: str = ""
+) -> TrainState:
+    """Load the engine state of ``saved`` (``engine_tag``: a folder in the checkpoint's to
+    load it from instead, such as a re-partitioned copy) and restore this rank's RNG states
+    (the same world size), else seed them from (``seed``, step, rank); ``saved``'s state."""
+    root = checkpoint_root(output)
+    if engine_tag:
+        engine.load(root / saved.tag, engine_tag)
+    else:
+        engine.load(root, saved.tag)
+    state = saved.state
+    if saved.world_size == info.world_size:
+        rank_file = root / saved.tag / f"rank-{info.rank}.pt"
+        _set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False)["rng"])
+    else:
+        seed_rng(seed, state.step, info.rank)
+    return TrainState(
+        step=state.step,
+        budgets=state.budgets,
+        events=list(state.events),
+        schedule=state.schedule,
+        position=state.position,
+        setup=state.setup,
+    )
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed every RNG of this rank from (``seed``, ``step``, ``rank``): a rank of another
+    world size has no saved states of its own."""
+    entropy = np.random.SeedSequence([seed, step, rank]).generate_state(2)
+    value = int(entropy[0]) << 32 | int(entropy[1])
+    random.seed(value)
+    np.random.seed(int(entropy[0]))
+    torch.manual_seed(value)

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from mvshards.command_line import expected_classes, png_callback, run_cli
-from mvtrain.cli_options import GRAD_ACCUM, SETUP, SHARDS, options
+from mvtrain.cli_options import GRAD_ACCUM, READS, SETUP, SHARDS, STORAGE_OPTIONS, options
 from mvtrain.cli_plan import plan_command, probe_command
 from mvtrain.launch import exit_now, launch, report_failure, strip_nproc, watch_parent
 from mvtrain.run_config import DEFAULT_PATCH_BUDGET, DEFAULT_TOKEN_BUDGET
@@ -29,7 +29,8 @@ IS_EXPECTED = expected_classes(
     "builtins:ValueError",
     "builtins:FileNotFoundError",
     "mvshards.index:DatasetIndexError",
-    "mvtrain.data.loader:ShardReadError",
+    "mvshards.storage:StorageError",
+    "mvtrain.data.shard_access:ShardReadError",
     "mvtrain.model.loading:ModelLoadError",
     "mvtrain.report:ReportError",
     "mvtrain.oom:BackwardOomError",
@@ -54,7 +55,7 @@ def _int_or_auto(text: object, flag: str, kind: str = "a positive integer") -> i
 
 def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     """``--dtype``, with the old ``--bf16`` flag read as ``--dtype bf16``."""
-    from mvtrain.precision import check_dtype
+    from mvtrain.run_config import check_dtype
 
     if not bf16_alias:
         return check_dtype(dtype)
@@ -65,6 +66,8 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
 
 @main.command("run")
 @SHARDS
+@STORAGE_OPTIONS
+@options(READS)
 @click.option("--model", required=True, help="'tiny' or a local model folder.")
 @click.option(
     "--output",
@@ -206,7 +209,13 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     help="Keep the checkpoint and HF export of the lowest eval loss in OUT/best/ "
     "(best.json names its step and loss).",
 )
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the newest checkpoint in --output, on any number of processes and "
+    "with any budgets or --grad-accum: the epoch's samples not yet trained are planned anew "
+    "when those differ.",
+)
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -237,9 +246,10 @@ def _dtype_option(dtype: str, bf16_alias: bool) -> str:
     show_default=True,
     metavar="MINUTES",
     help="How long a collective waits for the other ranks before the run fails with a "
-    "timeout error (torch's defaults: 10 min under NCCL, 30 under gloo). Rank 0 alone "
-    "recounts token lengths and writes the export while the others wait in a barrier: "
-    "raise it for very large data sets or models.",
+    "timeout error (torch's defaults: 10 min under NCCL, 30 under gloo). The ranks wait "
+    "for each other while they recount token lengths (unless mvprep counted them with the "
+    "same tokenizer) and while rank 0 writes the export: raise it for very large data sets "
+    "or models.",
 )
 @click.option("--nproc-per-node", type=int, default=None, help="Launch this many processes here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

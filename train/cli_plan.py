@@ -10,10 +10,18 @@ from typing import Any
 
 import click
 
-from mvtrain.cli_options import GRAD_ACCUM, SETUP, SHARDS, dtype_choice, options
+from mvtrain.cli_options import (
+    GRAD_ACCUM,
+    SETUP,
+    SHARDS,
+    STORAGE_OPTIONS,
+    dtype_choice,
+    options,
+)
 
 PLAN_OPTIONS = [
     SHARDS,
+    STORAGE_OPTIONS,
     click.option(
         "--model",
         required=True,
@@ -98,6 +106,7 @@ def plan_command(gpu_mem: str, as_json: bool, **options: Any) -> None:
 
 @click.command("probe")
 @SHARDS
+@STORAGE_OPTIONS
 @click.option(
     "--model", required=True, help="'tiny', a model folder, or a folder with only config.json."
 )
@@ -117,7 +126,7 @@ def probe_command(shards: tuple[Any, ...], model: str, save: Path, **setup: Any)
     """On a GPU: measure fwd+bwd peaks on worst-case batches and fit the planner to them."""
     from mvshards.units import GiB
     from mvtrain.batching.sources import load_sources
-    from mvtrain.memory.probe import run_probe
+    from mvtrain.memory.probe import require_cuda, run_probe
     from mvtrain.memory.probe_fit import probe_setup
     from mvtrain.model.adapters import adapter_for
     from mvtrain.model.setup import build_model
@@ -125,7 +134,10 @@ def probe_command(shards: tuple[Any, ...], model: str, save: Path, **setup: Any)
     from mvtrain.run_config import RunConfig
 
     try:
+        require_cuda()  # before the model is built
         _, indexes = load_sources(shards)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     config = RunConfig(shards=shards, model=model, output=Path("."), **setup)

@@ -50,6 +50,7 @@ import torch
 
 from mvshards.cost import CostModel
 from mvshards.index import load_index
+from mvshards.storage import location
 from mvtrain.batching.bucketer import Batch, make_batch
 from mvtrain.batching.plan_index import PlanIndex
 from mvtrain.batching.schedule import RankPlan, epoch_plan
@@ -138,7 +139,8 @@ def check_eval_shards(shards: Any, eval_shards: Any) -> None:
 
 def _build_params(folder: Path) -> dict[str, Any]:
     """The build parameters in ``folder/manifest.json``."""
-    return dict(json.loads((Path(folder) / "manifest.json").read_text()).get("params", {}))
+    folder = location(folder)  # the training shards may be a URL
+    return dict(json.loads((folder / "manifest.json").read_text()).get("params", {}))
 
 
 def head(index: PlanIndex, count: int | None) -> PlanIndex:
@@ -312,10 +314,11 @@ class Evaluator:
             ) from None
 
     def _forward(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        from mvtrain.data.loader import to_device
+        from mvtrain.model.pixel_input import model_inputs
 
         session = self.session
-        rows = session.adapter.forward_loss(session.engine, to_device(batch.inputs, session.device))
+        inputs = model_inputs(batch.host_inputs, session.device)
+        rows = session.adapter.forward_loss(session.engine, inputs)
         return rows.row_loss.detach(), rows.row_count.detach(), list(batch.sources)
 
     def _fitting(

@@ -167,12 +167,14 @@ def _window_runner(session: Session, batch_log: BatchLog) -> WindowRunner:
 
 
 def _micro_batches(session: Session, epoch: int, in_epoch: int) -> Iterator[MicroBatch]:
-    """This rank's micro-batches of ``epoch`` from step ``in_epoch`` on, in plan order."""
+    """This rank's micro-batches of ``epoch`` from step ``in_epoch`` on, in plan order (a
+    re-planned epoch's plan begins at a later step)."""
     accum = session.config.grad_accum
+    start = session.epochs.plan_start(epoch)
     dataset = PlannedBatches(
         session.epochs.plans[epoch],
-        in_epoch * accum,
-        session.epochs.steps[epoch] * accum,
+        (in_epoch - start) * accum,
+        (session.epochs.steps[epoch] - start) * accum,
         session.mix.locator,
         session.tokenizer,
         session.profile,
@@ -211,6 +213,7 @@ def _train_step(
             result.group_labels[group] = result.group_labels.get(group, 0) + n
     elapsed = time.perf_counter() - started
     state.step += 1
+    state.position = session.epochs.position_at(state.step)  # what a checkpoint saves
     for batch in window:
         for mismatch in batch.length_mismatches:
             log.warning("exact length differs from the plan: %s", mismatch)
@@ -224,8 +227,14 @@ def _train_step(
     reporter.step_done(state.step, epoch, loss, tokens, elapsed, lr, by_source, evaluation, memory)
     every = session.config.save_every
     if engine is not None and every and state.step % every == 0:
-        save_checkpoint(session.output, engine, state, info)
+        _save(session)
     session.faults.after_step(state.step)
+
+
+def _save(session: Session) -> None:
+    """A checkpoint of the current step (with the data position there)."""
+    assert session.engine is not None
+    save_checkpoint(session.output, session.engine, session.state, session.info)
 
 
 def _record_event(output: Path, state: TrainState, event: dict[str, Any]) -> None:
@@ -243,7 +252,7 @@ def _finish(session: Session) -> None:
     engine, state, info, output = session.engine, session.state, session.info, session.output
     step = state.step
     if engine is not None and step > 0 and newest_checkpoint(output) != (step, tag_for(step)):
-        save_checkpoint(output, engine, state, info)
+        _save(session)
     if engine is not None:
         digest = parameter_digest(engine.module)
         (output / f"params-rank{info.rank}.sha256").write_text(digest + "\n")

@@ -19,15 +19,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+from mvtrain.run_config import DTYPES, check_dtype
+
+__all__ = ["DTYPES", "check_dtype"]  # defined with the options (no torch import there)
+
 _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def check_dtype(name: str) -> str:
-    """``name`` if it is a ``--dtype`` value (one of :data:`DTYPES`), else ``ValueError``."""
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return name
 
 
 def resolve_dtype(name: str, cuda_bf16: bool | None = None) -> str:

@@ -12,6 +12,17 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_PATCH_BUDGET = 65536
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+"""The ``--dtype`` values (:mod:`mvtrain.precision` says what each engine does with them)."""
+
+
+def check_dtype(name: str) -> str:
+    """``name`` if it is a ``--dtype`` value (one of :data:`DTYPES`), else ``ValueError``."""
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return name
+
+
 MAX_EPOCHS = 10**6
 """Epochs planned at most for ``--max-steps`` alone (an empty plan stops at the first)."""
 
@@ -48,7 +59,7 @@ class RunConfig:
     """The loss from the hidden states in chunks (:mod:`mvtrain.model.chunked_loss`); False:
     the plain logits loss (``--no-chunked-loss``)."""
     dtype: str = "auto"
-    """Training precision, one of :data:`mvtrain.precision.DTYPES`; ``auto``: bf16 where
+    """Training precision, one of :data:`DTYPES`; ``auto``: bf16 where
     CUDA supports it, else fp32."""
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -97,8 +108,6 @@ class RunConfig:
         return Budgets(self.token_budget, self.patch_budget)
 
     def validate(self) -> None:
-        from mvtrain.precision import check_dtype
-
         for name, value in (
             ("--token-budget", self.token_budget),
             ("--patch-budget", self.patch_budget),
@@ -129,7 +138,7 @@ class RunConfig:
         from mvtrain.batching.sources import parse_sources
 
         for source in parse_sources(self.shards):
-            if not (Path(source.path) / "manifest.json").exists():
+            if not (source.path / "manifest.json").exists():  # a folder or a URL
                 raise ValueError(
                     f"{source.path} has no manifest.json: build it with `mvprep build ... "
                     f"--out {source.path}` (or finish that build by re-running it)"

@@ -5,8 +5,16 @@
 family), fills ``auto`` budgets from the memory plan, counts exact token lengths (each
 rank its share, all-gathered, cached, per ``--shards`` folder), mixes the folders
 (:mod:`mvtrain.batching.sources`), plans the epochs, builds the engine, resumes from the
-newest checkpoint (keeping its learning-rate schedule unless ``--schedule-change``) and
-writes ``run.json``.
+newest checkpoint and writes ``run.json``.
+
+A resume reads the checkpoint's record first: an engine state that cannot carry over is
+refused before the model loads (:mod:`mvtrain.resume_checks`). The epochs are planned from
+the checkpoint's data position: with other settings (world size, budgets, ``--grad-accum``)
+the rest of its epoch is planned anew (:mod:`mvtrain.batching.position`), ZeRO state is
+re-partitioned for the new world size (:mod:`mvtrain.zero_repartition`), the new budgets
+replace the checkpoint's, and the change is recorded (``events.jsonl``, ``run.json``). The
+learning-rate schedule is kept unless ``--schedule-change``; when a re-plan alone changes the
+step count its total steps follow.
 """
 
 from __future__ import annotations
@@ -24,10 +32,16 @@ from mvshards.cost import CostModel
 from mvshards.index import load_index
 from mvshards.profiles import get_profile
 from mvshards.units import GiB
-from mvtrain.batching.epochs import EpochPlans, plan_epochs
+from mvtrain.batching.epochs import REPLAN_EVENT, EpochPlans, plan_epochs
 from mvtrain.batching.plan_index import PlanIndex
 from mvtrain.batching.sources import SourceMix, check_compatible, parse_sources
-from mvtrain.checkpoint import TrainState, load_checkpoint
+from mvtrain.checkpoint import (
+    SavedRun,
+    TrainState,
+    checkpoint_root,
+    load_checkpoint,
+    read_checkpoint,
+)
 from mvtrain.data.lengths import exact_lengths, gather_counts
 from mvtrain.data.loader import default_loader_workers
 from mvtrain.deepspeed_config import load_user_config
@@ -43,6 +57,12 @@ from mvtrain.lr_schedule import CHANGE_EVENT, LrSchedule, apply_schedule, schedu
 from mvtrain.model.adapters import Adapter, adapter_for
 from mvtrain.model.setup import build_model, load_tokenizer_only, parameter_counts
 from mvtrain.precision import Precision, engine_precision
+from mvtrain.resume_checks import (
+    check_old_checkpoint,
+    check_same_engine,
+    length_unchanged,
+    setup_record,
+)
 from mvtrain.run_config import RunConfig
 from mvtrain.run_folder import (
     check_output,
@@ -50,6 +70,7 @@ from mvtrain.run_folder import (
     resume_checkpoint,
     take_run_lock,
 )
+from mvtrain.zero_repartition import convert_to_universal, needs_repartition, universal_config
 
 log = logging.getLogger("mvtrain")
 
@@ -95,9 +116,11 @@ def setup(config: RunConfig) -> Session:
     device = device_for(info)
     output = _prepare_output(config, info, stale)
     torch.manual_seed(config.seed)
+    record = setup_record(config, use_ds, precision.dtype, info.world_size)
+    saved = _saved_run(config, record)
 
     sources = parse_sources(config.shards)
-    indexes = [load_index(Path(source.path)) for source in sources]
+    indexes = [load_index(source.path) for source in sources]  # a folder or a URL
     for index in indexes:
         index.check_shard_files()
     check_compatible([s.path for s in sources], [index.params for index in indexes])
@@ -110,8 +133,13 @@ def setup(config: RunConfig) -> Session:
     mix = SourceMix.build(
         sources, indexes, [_plan_index(ix, n) for ix, n in zip(indexes, lengths, strict=True)]
     )
-    epochs = plan_epochs(config, mix, info, CostModel.for_profile(profile))
-    engine, state = _engine_and_state(config, bundle, info, device, use_ds, precision, epochs)
+    position = saved.state.position if saved is not None else None
+    epochs = plan_epochs(config, mix, info, CostModel.for_profile(profile), resume=position)
+    engine, state = _engine_and_state(
+        config, bundle, info, device, use_ds, precision, epochs, saved
+    )
+    state.setup = record
+    state.position = epochs.position_at(state.step)
     session = Session(
         config=config,
         info=info,
@@ -127,6 +155,9 @@ def setup(config: RunConfig) -> Session:
         state=state,
         workers=_loader_workers(config, device),
     )
+    if info.is_main and epochs.change is not None:
+        with open(output / "events.jsonl", "a") as handle:
+            handle.write(json.dumps(epochs.change) + "\n")
     if info.is_main:
         run_record = {
             "precision": precision.as_dict(),
@@ -189,6 +220,20 @@ def _exact_lengths(
     return lengths
 
 
+def _saved_run(config: RunConfig, record: dict[str, Any]) -> SavedRun | None:
+    """The newest checkpoint's run state when resuming (not in a dry run), its engine state
+    checked against this run's ``record`` (a one-line refusal when it cannot carry over)."""
+    if not config.resume or config.dry_run:
+        return None
+    _, tag = resume_checkpoint(Path(config.output))
+    saved = read_checkpoint(Path(config.output), tag)
+    where = str(checkpoint_root(Path(config.output)) / tag)
+    check_same_engine(saved.state.setup, record, where)
+    has_position = saved.state.position is not None
+    check_old_checkpoint(has_position, saved.world_size, record["world_size"], where)
+    return saved
+
+
 def _engine_and_state(
     config: RunConfig,
     bundle: Any,
@@ -197,15 +242,24 @@ def _engine_and_state(
     use_ds: bool,
     precision: Precision,
     epochs: EpochPlans,
+    saved: SavedRun | None = None,
 ) -> tuple[Engine | None, TrainState]:
     """The engine around the model (None for a dry run) and the state to start from: the
-    newest checkpoint's when resuming, with its learning-rate schedule checked against this
-    run's (a change needs ``--schedule-change`` and then applies from the resumed step)."""
+    ``saved`` checkpoint's when resuming (its ZeRO state re-partitioned for another world
+    size), with its learning-rate schedule checked against this run's (a change needs
+    ``--schedule-change``, unless a re-plan alone changed the step count, and then applies
+    from the resumed step)."""
     schedule = LrSchedule(config.lr, config.warmup_steps, sum(epochs.steps))
     state = TrainState(step=0, budgets=config.budgets, schedule=schedule.as_dict())
     if bundle is None:
         return None, state
     bundle.model.to(device)
+    user_config = load_user_config(config.deepspeed_config)
+    repartition = saved is not None and needs_repartition(
+        saved.world_size, info.world_size, use_ds, config.zero_stage
+    )
+    if repartition:
+        user_config = universal_config(user_config)
     engine = make_engine(
         bundle.model,
         info,
@@ -217,27 +271,76 @@ def _engine_and_state(
         grad_accum=config.grad_accum,
         zero_stage=config.zero_stage,
         dtype=precision.dtype,
-        user_config=load_user_config(config.deepspeed_config),
+        user_config=user_config,
         config_path=Path(config.output) / "deepspeed_config.json",
     )
-    if config.resume:
-        _, tag = resume_checkpoint(Path(config.output))
-        state = load_checkpoint(Path(config.output), tag, engine, info)
-        _keep_or_change_schedule(config, engine, state, schedule)
+    if saved is not None:
+        folder = checkpoint_root(Path(config.output)) / saved.tag
+        engine_tag = convert_to_universal(folder, info) if repartition else ""
+        state = load_checkpoint(
+            Path(config.output), saved, engine, info, config.seed, engine_tag=engine_tag
+        )
+        _apply_replan(config, epochs, state, saved, repartition)
+        _keep_or_change_schedule(config, engine, state, schedule, epochs.change, saved)
     return engine, state
 
 
+def _apply_replan(
+    config: RunConfig, epochs: EpochPlans, state: TrainState, saved: SavedRun, repartition: bool
+) -> None:
+    """A resume with other settings: record the re-plan of the epoch (and the ZeRO
+    re-partition) in ``state.events``; other budgets replace the checkpoint's."""
+    change = epochs.change
+    if change is None:
+        return
+    if (change["from"]["token_budget"], change["from"]["patch_budget"]) != (
+        change["to"]["token_budget"],
+        change["to"]["patch_budget"],
+    ):
+        state.budgets = config.budgets
+    if repartition:
+        change["zero_repartition"] = {
+            "from_world_size": saved.world_size,
+            "to_world_size": change["to"]["world_size"],
+            "via": f"{saved.tag}/universal",
+        }
+    state.events.append(change)
+    log.warning(
+        "resumed at step %d with %s: the %d samples of epoch %d not yet trained are planned "
+        "anew (steps left in the epoch: %d)",
+        change["step"],
+        ", ".join(change["changed"]),
+        change["planned_samples"],
+        change["epoch"],
+        change["steps_left_in_epoch"],
+    )
+
+
 def _keep_or_change_schedule(
-    config: RunConfig, engine: Engine, state: TrainState, schedule: LrSchedule
+    config: RunConfig,
+    engine: Engine,
+    state: TrainState,
+    schedule: LrSchedule,
+    replan: dict[str, Any] | None = None,
+    saved: SavedRun | None = None,
 ) -> None:
     """Refuse a resumed run whose schedule differs from the checkpoint's, unless
-    ``--schedule-change``: then apply ``schedule`` from ``state.step`` and record the change
-    in ``state.events``."""
-    saved = LrSchedule.of(state.schedule) if state.schedule else None
-    change = schedule_change(saved, schedule, state.step, config.schedule_change)
+    ``--schedule-change`` or a re-plan (``replan``) alone changed the total steps (same
+    ``--lr``, ``--warmup-steps``, ``--max-steps``, ``--epochs``): then apply ``schedule``
+    from ``state.step`` and record the change in ``state.events``."""
+    old = LrSchedule.of(state.schedule) if state.schedule else None
+    follows = (
+        replan is not None
+        and old is not None
+        and (old.peak_lr, old.warmup_steps) == (schedule.peak_lr, schedule.warmup_steps)
+        and length_unchanged(saved.state.setup if saved is not None else None, config)
+    )
+    change = schedule_change(old, schedule, state.step, config.schedule_change or follows)
     state.schedule = schedule.as_dict()
     if change is None:
         return
+    if follows and not config.schedule_change:
+        change["reason"] = "the resume re-planned the epoch: the total steps follow"
     apply_schedule(_lr_scheduler(engine), schedule)
     state.events.append(change)
     log.warning("learning-rate schedule changed at step %d: %s", state.step, schedule.describe())
@@ -283,6 +386,7 @@ def _write_run_json(session: Session, extra: dict[str, Any]) -> None:
         "predicted_peak_bytes": extra["predicted_peak_bytes"],
         "lr_schedule": session.state.schedule,
         "lr_schedule_changes": [e for e in session.state.events if e.get("event") == CHANGE_EVENT],
+        "resume_replans": [e for e in session.state.events if e.get("event") == REPLAN_EVENT],
     }
     (session.output / "run.json").write_text(json.dumps(record, indent=1, default=str))
 

@@ -39,11 +39,12 @@ import torch
 import torch.distributed as dist
 
 from mvtrain.budgets import Budgets
-from mvtrain.data.loader import MicroBatch, to_device
+from mvtrain.data.loader import MicroBatch
 from mvtrain.distributed import DistInfo, all_gather_rows
 from mvtrain.faults import Faults
 from mvtrain.metrics import BatchLog
 from mvtrain.model.adapters import Adapter, TokenLoss
+from mvtrain.model.pixel_input import model_inputs
 from mvtrain.oom import (
     BackwardOomError,
     WindowProgress,
@@ -249,8 +250,9 @@ class WindowRunner:
 
     def _forward(self, batch: MicroBatch) -> TokenLoss:
         """The batch's loss sum and label count, with its per-row sums (a weighted batch's
-        label count, known on the host, spares the chunked loss a device sync)."""
-        inputs = to_device(batch.inputs, self.device)
+        label count, known on the host, spares the chunked loss a device sync). The pixels
+        travel uint8 and become the model's float input on the device."""
+        inputs = model_inputs(batch.host_inputs, self.device)
         count = batch.num_label_tokens if batch.weight else None
         return self.adapter.forward_loss(self.engine, inputs, count)
 

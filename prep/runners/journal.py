@@ -18,13 +18,22 @@ judged exactly as the local pool judges them (:class:`mvprep.pool.RetryPolicy`):
 that was being processed at ``record_deaths`` deaths is skipped as a "worker died" reject;
 ``unit_deaths`` deaths with no record to blame give the unit up. The file ends in ``.tmp``:
 never part of a dataset, removed with the other temporaries when a build starts.
+
+An object store cannot append, so with an object-store ``--out`` the journals live in a
+local folder instead: ``$MVPREP_JOURNAL_DIR`` (or the system temporary folder) /
+``mvprep-journal/<hash of OUT>/``. On one machine (a local Ray) that is exact; on a
+multi-node cluster set ``MVPREP_JOURNAL_DIR`` to a folder every node shares, or a retry on
+another node does not see which record killed the earlier attempt (Ray's own retry limit
+then gives the unit up) and the driver cannot time out units running on other nodes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,13 +41,21 @@ from pathlib import Path
 
 from mvprep.pool import RetryPolicy
 from mvshards.index import INDEX_DIR, UNIT_DIGITS
+from mvshards.storage import Location, ObjectPath, location
 
 JOURNAL_SUFFIX = ".attempts.tmp"
+JOURNAL_DIR_ENV = "MVPREP_JOURNAL_DIR"
+"""Where the journals of an object-store ``--out`` go (default: the temporary folder)."""
 
 
-def journal_path(out: Path, unit: int) -> Path:
-    """``OUT/index/NNNNNN.attempts.tmp``."""
-    return Path(out) / INDEX_DIR / f"{unit:0{UNIT_DIGITS}d}{JOURNAL_SUFFIX}"
+def journal_path(out: Location | str, unit: int) -> Path:
+    """``OUT/index/NNNNNN.attempts.tmp``; for an object-store OUT a local file (see above)."""
+    name = f"{unit:0{UNIT_DIGITS}d}{JOURNAL_SUFFIX}"
+    out = location(out)
+    if isinstance(out, ObjectPath):
+        root = Path(os.environ.get(JOURNAL_DIR_ENV) or tempfile.gettempdir()) / "mvprep-journal"
+        return root / hashlib.sha256(out.url.encode()).hexdigest()[:16] / name
+    return out / INDEX_DIR / name
 
 
 @dataclass
@@ -125,7 +142,7 @@ def judge(unit: int, attempts: list[Attempt], policy: RetryPolicy) -> History:
 class Journal:
     """The task side: judge the earlier attempts, then log this one."""
 
-    def __init__(self, out: Path, unit: int) -> None:
+    def __init__(self, out: Location, unit: int) -> None:
         self.unit = unit
         self.path = journal_path(out, unit)
         self._fd: int | None = None
@@ -170,7 +187,7 @@ class Journal:
             self._fd = None
 
 
-def running_since(out: Path, unit: int) -> float | None:
+def running_since(out: Location, unit: int) -> float | None:
     """Unix time the unit's latest attempt began, when that attempt is still open."""
     attempts = read_attempts(journal_path(out, unit))
     if not attempts or attempts[-1].ended:
@@ -178,7 +195,7 @@ def running_since(out: Path, unit: int) -> float | None:
     return attempts[-1].started
 
 
-def mark_timeout(out: Path, unit: int, seconds: float) -> None:
+def mark_timeout(out: Location, unit: int, seconds: float) -> None:
     """Note (driver side) that the running attempt is being cancelled for its deadline."""
     with contextlib.suppress(FileNotFoundError):
         fd = os.open(journal_path(out, unit), os.O_WRONLY | os.O_APPEND)

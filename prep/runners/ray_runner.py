@@ -2,11 +2,12 @@
 
 One task per unit, carrying only the :class:`~mvprep.unit.UnitSpec` (a record range), the
 :class:`~mvprep.options.BuildOptions` and the retry policy, never image bytes: a task reads
-its own records from the data file and its images from disk (both must be at the same path
-on every node, e.g. a shared file system) and writes its shard and index entry into the
-output folder itself. Only the index entry (rows of numbers and the rejects) comes back to
-the driver. The data files are indexed once, by the driver: their record offsets go into
-Ray's object store once and every task adopts them (zero-copy), so no worker scans a file.
+its own records from the data file and its images (both at the same path on every node, e.g.
+a shared file system, or URLs in an object store) and writes its shard and index entry into
+the output folder (or bucket) itself. Only the index entry (rows of numbers and the
+rejects) comes back to the driver. The data files are indexed once, by the driver: their
+record offsets go into Ray's object store once and every task adopts them (zero-copy), so
+no worker scans a file.
 
 Failures, the same rules as the local pool (:mod:`mvprep.pool`):
 
@@ -38,7 +39,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mvprep.inputs import adopt_inputs, open_inputs, share_inputs
@@ -47,6 +47,7 @@ from mvprep.pool import RetryPolicy, UnitOutcome
 from mvprep.readers import SharedOffsets
 from mvprep.runners.journal import Journal, journal_path, mark_timeout, running_since
 from mvprep.unit import FAULT_ENV, UnitEvents, UnitSpec, run_unit
+from mvshards.storage import StorageError, location
 
 IO_TRIES = 3
 """Attempts of a unit that raise OSError before the error fails the unit."""
@@ -68,6 +69,11 @@ class RayUnavailableError(RuntimeError):
 
 class UnitIOError(RuntimeError):
     """A unit kept failing with OSError; not retried any more."""
+
+
+class UnitStorageError(RuntimeError):
+    """A unit failed with a :class:`mvshards.storage.StorageError` (already retried by the
+    storage layer): not retried by Ray, and the build stops with its one line."""
 
 
 def ray_installed() -> bool:
@@ -129,7 +135,7 @@ def _unit_task(
         os.environ[FAULT_ENV] = fault
     else:
         os.environ.pop(FAULT_ENV, None)
-    journal = Journal(Path(options.out_dir), spec.unit)
+    journal = Journal(location(options.out_dir), spec.unit)
     try:
         history = journal.begin(policy)
     except OSError as exc:  # the output folder is not writable from this node: no retry
@@ -145,6 +151,9 @@ def _unit_task(
         events = UnitEvents(on_record=journal.record, on_record_done=journal.record_done)
         try:
             entry = run_unit(UnitSpec(spec.unit, spec.start, spec.stop, skip), options, events)
+        except StorageError as exc:  # an OSError, but retried already: never again by Ray
+            journal.end()
+            raise UnitStorageError(str(exc)) from None
         except OSError as exc:
             tries = journal.io_error()
             if tries >= IO_TRIES:
@@ -188,7 +197,7 @@ class RayRunner:
         self.workers, self.options, self.address = workers, options, address
         self.policy = policy or RetryPolicy()
         self.on_image, self.on_record_done, self.on_death = on_image, on_record_done, on_death
-        self.out = Path(options.out_dir)
+        self.out = location(options.out_dir)
 
     def max_retries(self, spec: UnitSpec) -> int:
         """Ray retries of one task: enough for the journal to decide first in every case."""
@@ -261,6 +270,9 @@ class RayRunner:
             if flight.cancelled:  # our deadline killed it: the journal counts the death
                 return None
             if isinstance(exc, ray.exceptions.RayTaskError):  # the unit itself raised
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, UnitStorageError):
+                    return UnitOutcome(spec=spec, failure=str(cause), storage_error=str(cause))
                 return UnitOutcome(spec=spec, failure=str(exc))
             why = (
                 f"unit {spec.unit}: Ray gave up after {self.max_retries(spec) + 1} attempts "

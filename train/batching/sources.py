@@ -2,7 +2,10 @@
 
 * **Sources.** Each folder is a source named by its basename (``data/a/shards`` ->
   ``shards``); equal basenames are told apart by their parent folders (``a/shards``,
-  ``b/shards``). Folders whose builds differ in anything the trainer's costs depend on
+  ``b/shards``). A folder may be an object-store URL (``s3://bucket/prefix``, see
+  :mod:`mvshards.storage`): ``s3://bucket/x:2`` is ``s3://bucket/x`` with weight 2 (the
+  colon after the scheme separates nothing), and it is named like a folder (``x``).
+  Folders whose builds differ in anything the trainer's costs depend on
   (:data:`COST_FIELDS`: profile, slice count from ``--max-res``, image-id form) are refused
   (:class:`SourceMismatchError`, one line naming both folders and the field).
 * **Identity.** Keys are unique only within a folder. A sample's id is its key when the run
@@ -40,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from mvshards.index import DatasetIndex, load_index
+from mvshards.index import DatasetIndex, SampleRanges, load_index
+from mvshards.storage import Location, ObjectPath, is_url, location
 from mvtrain.batching.plan_index import PlanIndex
 
 _MIX = 5
@@ -63,28 +67,32 @@ class SourceMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class ShardSource:
-    """One ``--shards DIR[:WEIGHT]``."""
+    """One ``--shards DIR[:WEIGHT]`` (``DIR`` a local folder or an object-store URL)."""
 
-    path: Path
+    path: Location
     weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.path, Path | ObjectPath):
+            object.__setattr__(self, "path", location(self.path))
         if not (math.isfinite(self.weight) and self.weight > 0):
             raise ValueError(f"--shards {self.path}: the weight must be > 0, got {self.weight}")
 
     @classmethod
     def parse(cls, text: str | Path) -> ShardSource:
-        """``DIR`` or ``DIR:WEIGHT``; a folder that exists under the whole text wins (a name
-        with a colon)."""
+        """``DIR`` or ``DIR:WEIGHT``; a local folder that exists under the whole text wins (a
+        name with a colon); in a URL only a colon after the ``scheme://`` can separate."""
         text = str(text)
         folder, sep, weight = text.rpartition(":")
-        if not sep or Path(text).is_dir():
-            return cls(Path(text))
+        if not sep or (not is_url(text) and Path(text).is_dir()):
+            return cls(location(text))
+        if is_url(text) and not is_url(folder):
+            return cls(location(text))
         try:
             value = float(weight)
         except ValueError:
-            return cls(Path(text))
-        return cls(Path(folder), value)
+            return cls(location(text))
+        return cls(location(folder), value)
 
     def __str__(self) -> str:
         return f"{self.path}" if self.weight == 1 else f"{self.path}:{self.weight:g}"
@@ -107,15 +115,23 @@ def load_sources(shards: Any) -> tuple[list[ShardSource], list[DatasetIndex]]:
     """The sources of ``shards`` (see :func:`parse_sources`) and their loaded indexes;
     :class:`SourceMismatchError` when they cannot be mixed."""
     sources = parse_sources(shards)
-    indexes = [load_index(Path(s.path)) for s in sources]
+    indexes = [load_index(s.path) for s in sources]
     check_compatible([s.path for s in sources], [index.params for index in indexes])
     return sources, indexes
 
 
-def source_names(paths: Sequence[Path]) -> list[str]:
+def _parts(path: Location | str) -> tuple[str, ...]:
+    """A folder's path parts, the root first (a URL's: its ``scheme://``, bucket, prefixes)."""
+    where = location(path)
+    if isinstance(where, ObjectPath):
+        return (f"{where.protocol}://", *where.path.split("/"))
+    return where.resolve().parts
+
+
+def source_names(paths: Sequence[Location]) -> list[str]:
     """Each folder's basename; folders with equal basenames get as many parent folders as
     tell them apart (``a/shards``), and a number when even the full paths are equal."""
-    parts = [Path(p).resolve().parts for p in paths]
+    parts = [_parts(p) for p in paths]
     names = []
     for i, mine in enumerate(parts):
         depth = 1
@@ -134,7 +150,7 @@ def source_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def check_compatible(folders: Sequence[Path], params: Sequence[dict[str, Any]]) -> None:
+def check_compatible(folders: Sequence[Location], params: Sequence[dict[str, Any]]) -> None:
     """Raise :class:`SourceMismatchError` (one line) when two folders' builds differ in a
     :data:`COST_FIELDS` parameter."""
     for folder, other in zip(folders[1:], params[1:], strict=True):
@@ -205,7 +221,7 @@ def epoch_share(n: int, weight: float) -> tuple[int, int]:
 class SampleLocator:
     """Where a sample id lives: its shard file, its key in its folder, its source."""
 
-    shard_paths: tuple[Path, ...]
+    shard_paths: tuple[Location, ...]
     names: tuple[str, ...]
     rows: dict[str, int]
     shard_ids: np.ndarray
@@ -213,6 +229,12 @@ class SampleLocator:
     sources: np.ndarray
     channels: np.ndarray | None = None
     """Per row its channel (``""``: none); None when no sample has one."""
+    shard_stamps: tuple[tuple[int, str], ...] = ()
+    """Per shard (parallel to :attr:`shard_paths`) its ``(num_bytes, sha256)`` from the
+    index: the key of its local copy (:mod:`mvtrain.data.shard_cache`); empty: unknown."""
+    shard_ranges: tuple[SampleRanges | None, ...] = ()
+    """Per shard its samples' byte ranges from the index (None, or empty: unknown, the
+    loader walks the tar's headers); see :mod:`mvtrain.data.shard_access`."""
 
     @classmethod
     def of_index(cls, index: DatasetIndex, name: str = "") -> SampleLocator:
@@ -220,12 +242,14 @@ class SampleLocator:
         keys = index.keys
         return cls(
             tuple(index.shard_paths()),
-            (name or Path(index.out).name,),
+            (name or index.out.name,),
             {str(k): i for i, k in enumerate(keys.tolist())},
             np.asarray(index.shard_ids, dtype=np.int64),
             keys,
             np.zeros(len(keys), dtype=np.int64),
             index.channels,
+            shard_stamps(index.shards),
+            tuple(s.sample_ranges for s in index.shards),
         )
 
     def channel_of(self, uid: str) -> str | None:
@@ -302,6 +326,8 @@ class SourceMix:
             plan_indexes,
             [p for ix in indexes for p in ix.shard_paths()],
             [ix.channels for ix in indexes],
+            shard_stamps([s for ix in indexes for s in ix.shards]),
+            [s.sample_ranges for ix in indexes for s in ix.shards],
         )
 
     @classmethod
@@ -309,13 +335,17 @@ class SourceMix:
         cls,
         sources: Sequence[ShardSource],
         plan_indexes: Sequence[PlanIndex],
-        shard_paths: Sequence[Path] = (),
+        shard_paths: Sequence[Location] = (),
         channels: Sequence[np.ndarray | None] = (),
+        stamps: Sequence[tuple[int, str]] = (),
+        ranges: Sequence[SampleRanges | None] = (),
     ) -> SourceMix:
         """The mix of ``sources`` planned from ``plan_indexes`` (keys: each folder's own);
         ``shard_paths``: every folder's shard files in turn (what the loader opens);
         ``channels``: each folder's per-sample channels (``DatasetIndex.channels``; none
-        given: no channel)."""
+        given: no channel); ``stamps``: each shard's ``(num_bytes, sha256)``, in the order
+        of ``shard_paths`` (:attr:`SampleLocator.shard_stamps`); ``ranges``: each shard's
+        sample byte ranges, likewise (:attr:`SampleLocator.shard_ranges`)."""
         names = source_names([s.path for s in sources])
         for source, part in zip(sources, plan_indexes, strict=True):
             if len(part) and sum(epoch_share(len(part), source.weight)) == 0:
@@ -335,6 +365,8 @@ class SourceMix:
             np.concatenate([p.keys.astype(str) for p in plan_indexes]),
             source_of,
             _concat_channels(channels, [len(p) for p in plan_indexes]),
+            tuple(stamps),
+            tuple(ranges),
         )
         return cls(tuple(sources), tuple(names), index, source_of, locator)
 
@@ -415,6 +447,12 @@ class SourceMix:
                     record["channels"] = named
             out.append(record)
         return out
+
+
+def shard_stamps(shards: Sequence[Any]) -> tuple[tuple[int, str], ...]:
+    """``(num_bytes, sha256)`` of each of the index's ``shards``
+    (:class:`mvshards.index.ShardInfo`)."""
+    return tuple((int(s.num_bytes), str(s.sha256)) for s in shards)
 
 
 def _concat_channels(

@@ -18,6 +18,11 @@ index, or all count), so no rank waits in a collective the others skip.
 
 The slice costs (what the 2.6 family's cost model reads) come from the index's per-image
 table; an index built before the table existed has them recomputed from the same JSON.
+
+Shards in an object store are recounted the same way: the JSON members are read while the tar
+headers are walked in small ranged GETs (:func:`mvtrain.data.shard_access.open_shard`), the
+image bytes between them skipped; with ``--cache-dir`` each shard is first copied whole into
+that folder (:mod:`mvtrain.data.shard_cache`), where training then reads it too.
 """
 
 from __future__ import annotations
@@ -45,8 +50,17 @@ from mvshards.lengths_cache import (
 )
 from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
+from mvshards.storage import Location, ObjectPath, StorageError
 from mvshards.tario import split_member_name
-from mvtrain.data.loader import ShardReadError
+from mvtrain.data.remote_reads import shard_cache
+from mvtrain.data.shard_access import (
+    HEADER_BLOCK,
+    ShardReadError,
+    member_table,
+    open_shard,
+    remember_table,
+    walk_block,
+)
 from mvtrain.data.tokenize import tokenize_sample
 
 log = logging.getLogger("mvtrain")
@@ -67,6 +81,7 @@ class ExactLengths:
 Gather = Callable[[Any], list[Any]]
 """An all-gather of one picklable object per rank: every rank's, in rank order."""
 
+
 def gather_counts(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``torch.distributed.all_gather_object``; gloo
     or NCCL, under the process group's timeout); ``[obj]`` without a process group."""
@@ -79,24 +94,40 @@ def gather_counts(obj: Any) -> list[Any]:
     return out
 
 
-def iter_sample_json(shard: Path, wanted: Callable[[str], bool] | None = None) -> Iterator[Any]:
-    """Every sample's JSON in a shard (only the keys ``wanted`` says yes to), reading no image
-    bytes; a shard that cannot be read so raises :class:`ShardReadError` (run ``mvprep
-    verify``)."""
+def iter_sample_json(
+    shard: Location, wanted: Callable[[str], bool] | None = None, block: int = HEADER_BLOCK
+) -> Iterator[Any]:
+    """Every sample's JSON in a shard (a file or an object, walked in ranged GETs of
+    ``block`` bytes, :func:`~mvtrain.data.shard_access.walk_block`; only the keys ``wanted``
+    says yes to), skipping image bytes; a shard that cannot be read so raises
+    :class:`ShardReadError` (run ``mvprep verify``), a store that refuses it
+    :class:`~mvshards.storage.StorageError`."""
     key = "(the first)"
     try:
-        with tarfile.open(shard) as tar:
+        with open_shard(shard, block) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
                     parts = split_member_name(member.name)
                     key = parts[0] if parts is not None else member.name
                     if wanted is not None and (parts is None or not wanted(parts[0])):
                         continue
-                    handle = tar.extractfile(member)
-                    assert handle is not None
-                    yield json.loads(handle.read())
+                    member_bytes = tar.extractfile(member)
+                    assert member_bytes is not None
+                    yield json.loads(member_bytes.read())
+            remember_table(shard, member_table(tar))  # walked: the loader needs no walk
+    except StorageError:
+        raise
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardReadError(Path(shard), key, f"cannot be read ({exc})") from exc
+        raise ShardReadError(shard, key, f"cannot be read ({exc})") from exc
+
+
+def readable_shard(shard: Location, stamp: tuple[int, str]) -> Location:
+    """Where to read ``shard`` (``stamp``: its index size and sha256): its copy in the
+    ``--cache-dir`` (made first) when it is stored and a cache is set, else itself."""
+    cache = shard_cache()
+    if cache is None or not isinstance(shard, ObjectPath):
+        return shard
+    return cache.fetch(shard, stamp)
 
 
 def share_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -140,13 +171,16 @@ def count_share(
     tokens = np.asarray(index.num_tokens[lo:hi], dtype=np.int64).copy()
     position = {str(index.keys[i]): i for i in range(lo, hi)}
     shard_ids = np.asarray(index.shard_ids[lo:hi], dtype=np.int64)
-    paths = index.shard_paths()
+    shards = index.shards
     known = known_slices or {}
     slices: dict[str, tuple[int, int]] = {}
     mismatches = 0
-    desc = f"exact lengths {Path(index.out).name}"
+    desc = f"exact lengths {index.out.name}"
     for shard in tqdm(sorted(set(shard_ids.tolist())), desc=desc, disable=not progress):
-        for obj in iter_sample_json(paths[shard], position.__contains__):
+        info = shards[shard]
+        where = readable_shard(info.path, (info.num_bytes, info.sha256))
+        block = walk_block(info.num_bytes, info.num_samples)
+        for obj in iter_sample_json(where, position.__contains__, block):
             meta = SampleMeta.from_json(obj)
             exact = len(tokenize_sample(meta, tokenizer, profile_name).input_ids)
             i = position[meta.key] - lo

@@ -4,10 +4,11 @@ The schedule (``mvtrain.batching.schedule``) says which samples form each micro-
 order, by their ids in the run (``NAME/KEY`` with several ``--shards``); a
 :class:`~mvtrain.batching.sources.SampleLocator` maps each id to its shard file, its key
 there and its source. The loader reads each sample's members straight from its tar (member
-offsets come from one header scan per shard, cached), turns them into model inputs with the
-family's adapter, and yields micro-batches in schedule order. With DataLoader workers,
-worker ``w`` builds micro-batches ``i`` with ``i % num_workers == w``, which the DataLoader
-interleaves back into order.
+offsets come from one header scan per shard, cached), collates them with the family's adapter
+-- tokens padded, pixels uint8 (:mod:`mvtrain.model.pixel_input`: the training device
+normalises and patchifies them) -- and yields micro-batches in schedule order. With
+DataLoader workers, worker ``w`` builds micro-batches ``i`` with ``i % num_workers == w``,
+which the DataLoader interleaves back into order.
 """
 
 from __future__ import annotations
@@ -15,78 +16,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mvshards import processes
 from mvshards.schema import SampleMeta
-from mvshards.tario import split_member_name
 from mvtrain.batching.schedule import RankPlan
 from mvtrain.batching.sources import SampleLocator, sample_group
+from mvtrain.data.remote_reads import open_reads
 from mvtrain.data.sample import LoadedSample, load_sample
+from mvtrain.data.shard_access import ShardAccess
 from mvtrain.model.adapters import Adapter
+from mvtrain.model.pixel_input import map_tensors, model_inputs
 
 log = logging.getLogger("mvtrain.data.loader")
 
 AUTO_WORKERS = 4
 """Most DataLoader workers per rank that ``--loader-workers auto`` starts on CUDA."""
-
-
-class ShardReadError(Exception):
-    """A shard does not hold what its index says (one line, naming the shard, the sample and
-    the fix: ``mvprep verify``)."""
-
-    def __init__(self, shard: Path, key: str, problem: str) -> None:
-        super().__init__(
-            f"{shard}: sample {key} {problem}; the shard is damaged or changed since the index "
-            f"was written: run `mvprep verify {shard.parent}` and rebuild the shards it names"
-        )
-
-
-class ShardAccess:
-    """Random access to a sample's members by key; one header scan per shard. A shard that
-    cannot be read as its index says raises :class:`ShardReadError`."""
-
-    def __init__(self, shard_paths: list[Path]) -> None:
-        self.shard_paths = shard_paths
-        self._offsets: dict[int, dict[str, list[tuple[str, int, int]]]] = {}
-
-    def _scan(self, shard_id: int) -> dict[str, list[tuple[str, int, int]]]:
-        found: dict[str, list[tuple[str, int, int]]] = {}
-        with tarfile.open(self.shard_paths[shard_id]) as tar:
-            for member in tar:
-                parts = split_member_name(member.name) if member.isfile() else None
-                if parts is None:
-                    continue
-                key, ext = parts
-                found.setdefault(key, []).append((ext, member.offset_data, member.size))
-        return found
-
-    def members(self, shard_id: int, key: str) -> dict[str, bytes]:
-        path = self.shard_paths[shard_id]
-        table = self._offsets.get(shard_id)
-        if table is None:
-            try:
-                table = self._offsets[shard_id] = self._scan(shard_id)
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise ShardReadError(path, key, f"cannot be read ({exc})") from exc
-        if key not in table:
-            raise ShardReadError(path, key, "is not in it")
-        out: dict[str, bytes] = {}
-        with open(path, "rb") as handle:
-            for ext, offset, size in table[key]:
-                handle.seek(offset)
-                out[ext] = handle.read(size)
-                if len(out[ext]) != size:
-                    raise ShardReadError(path, key, f"is cut short (member .{ext})")
-        if "json" not in out:
-            raise ShardReadError(path, key, "has no .json member")
-        return out
 
 
 @dataclass
@@ -97,7 +46,10 @@ class MicroBatch:
     keys: list[str]
     """The samples' ids in the run (their keys with one source, ``NAME/KEY`` with several)."""
     weight: float
-    inputs: dict[str, Any]
+    host_inputs: dict[str, Any]
+    """The collated batch as the loader hands it (:meth:`Adapter.host_batch`): the pixels
+    uint8 in a :class:`~mvtrain.model.pixel_input.PixelPack`; the step makes the model's
+    inputs of it on its device (:func:`~mvtrain.model.pixel_input.model_inputs`)."""
     max_len: int
     real_tokens: int
     padded_tokens: int
@@ -112,10 +64,17 @@ class MicroBatch:
     """Per sample (row), its loss-group label: its channel when it has one, else its
     source's name (:func:`mvtrain.batching.sources.sample_group`)."""
 
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """The model's inputs on the CPU (float pixels), made from :attr:`host_inputs` on each
+        call by :func:`~mvtrain.model.pixel_input.model_inputs`: for checks and tools; the
+        step makes them on its device."""
+        return model_inputs(self.host_inputs, "cpu")
+
     def pin_memory(self) -> MicroBatch:
-        """The model inputs in page-locked memory, so ``non_blocking`` copies to the GPU
+        """The host inputs in page-locked memory, so ``non_blocking`` copies to the GPU
         really overlap (the DataLoader's pin thread calls this)."""
-        self.inputs = _map_tensors(self.inputs, lambda t: t.pin_memory())
+        self.host_inputs = map_tensors(self.host_inputs, lambda t: t.pin_memory())
         return self
 
 
@@ -141,11 +100,10 @@ class PlannedBatches(IterableDataset):
     def __iter__(self) -> Iterator[MicroBatch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        access = ShardAccess(self.shard_paths)
-        for position in range(self.start, self.stop):
-            if position % workers != worker:
-                continue
-            yield self.build(position, access)
+        positions = [p for p in range(self.start, self.stop) if p % workers == worker]
+        with open_reads(self.plan, positions, self.locator) as access:  # read-ahead from a store
+            for position in positions:
+                yield self.build(position, access)
 
     def build(self, position: int, access: ShardAccess) -> MicroBatch:
         planned = self.plan.batches[position]
@@ -179,7 +137,7 @@ def make_micro_batch(
     length_mismatches: list[str] | None = None,
 ) -> MicroBatch:
     """Collate loaded samples into a :class:`MicroBatch` with its real and padded costs."""
-    inputs = adapter.collate(samples)
+    inputs = adapter.host_batch(samples)
     lengths = [len(s.tokenized) for s in samples]
     patches = [sum(r * c for r, c in s.tgt_sizes) for s in samples]
     padded_tokens, padded_patches = adapter.padded_cost(samples)
@@ -187,7 +145,7 @@ def make_micro_batch(
         position=position,
         keys=[s.id for s in samples],
         weight=weight,
-        inputs=inputs,
+        host_inputs=inputs,
         max_len=max(lengths),
         real_tokens=sum(lengths),
         padded_tokens=padded_tokens,
@@ -212,6 +170,22 @@ def default_loader_workers(cuda: bool) -> int:
     return max(1, min(AUTO_WORKERS, share - 1))
 
 
+KEEP_FREED_BYTES = 64 << 20
+"""Loader workers keep freed blocks up to this size for reuse (:func:`keep_freed_memory`)."""
+
+
+def keep_freed_memory(size: int = KEEP_FREED_BYTES) -> bool:
+    """Loader processes reuse freed blocks of up to ``size`` bytes (and keep twice that of
+    freed heap) instead of returning them to the OS: the decoded images and pixel packs of
+    every micro-batch (:func:`mvshards.processes.keep_freed_memory`). A loader worker calls
+    this on start (it only loads); the training process does not."""
+    return processes.keep_freed_memory(size, 2 * size)
+
+
+def _worker_init(worker_id: int) -> None:
+    keep_freed_memory()
+
+
 def batch_iterator(
     dataset: PlannedBatches, num_workers: int, pin_memory: bool = False
 ) -> Iterator[MicroBatch]:
@@ -229,20 +203,6 @@ def batch_iterator(
         prefetch_factor=2,
         collate_fn=lambda x: x,
         pin_memory=pin_memory,
+        worker_init_fn=_worker_init,
     )
     yield from loader
-
-
-def _map_tensors(value: Any, fn: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, list):
-        return [_map_tensors(v, fn) for v in value]
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    return value
-
-
-def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """``inputs`` on ``device``; copies from pinned memory do not block the host."""
-    return _map_tensors(inputs, lambda t: t.to(device, non_blocking=True))

@@ -1,37 +1,24 @@
-"""Stored source/refine images -> normalised NaViT patch tensors, one per (sub)image.
+"""Stored source/refine images -> uint8 (sub)images, one per view, with their patch grids.
 
 A shard stores, per image, the source (overview) image at ``layout.source_size`` and, when
 sliced, the refine image at ``layout.refine_size``. Here they are decoded (PIL, RGB), checked
-against the stored layout, the refine image is cut into ``layout.slice_boxes()`` (a crop of
-the decoded array, no second decode), every (sub)image is normalised and reshaped into the
-NaViT layout ``[3, patch, H*W/patch]`` (``reshape_by_patch`` of the processors), and its patch
-grid ``(rows, cols) = (H/patch, W/patch)`` is returned next to it.
-
-Normalisation, bit for bit, by the family's :class:`~mvshards.families.PixelNorm`:
-
-* 4.6 family: as ``MiniCPMV4_6ImageProcessorPil`` -- ``rescale`` (uint8 to float64 times
-  1/255, cast to float32) then ``normalize`` with ``IMAGENET_STANDARD_MEAN``/``STD`` (0.5,
-  0.5) in float32: ``(x - 0.5) / 0.5``.
-* 2.6 family: as the official fine-tuning transform (``ToTensor`` + ``Normalize`` with the
-  Inception mean/std, also 0.5/0.5): ``x / 255`` in float32, then ``(x - 0.5) / 0.5``.
-
-Both are per-value functions of the uint8 input, so each is applied as a 256-entry lookup
-table computed with exactly those float operations: identical results, one gather per pixel.
-The 4.6 processor slices the *uint8* refine image and normalises each slice, which is the
-same as normalising first and slicing after (the normalisation is per value).
+against the stored layout, and the refine image is cut into ``layout.slice_boxes()`` -- views
+of the decoded array: no second decode, no copy. Every (sub)image stays uint8 ``[H, W, 3]``
+with its patch grid ``(rows, cols) = (H/14, W/14)`` next to it; collating packs them
+(:class:`mvtrain.model.pixel_input.PixelPack`) and the training device normalises and
+patchifies them (:func:`mvtrain.model.pixel_input.model_inputs`).
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
-from functools import cache
 
 import numpy as np
 import torch
 from PIL import Image
 
-from mvshards.families import NATIVE_46, Family, PixelNorm
 from mvshards.schema import SampleMeta
 
 PATCH_SIZE = 14
@@ -39,38 +26,6 @@ PATCH_SIZE = 14
 
 class PixelError(ValueError):
     """A stored image does not match its sample's layout (one line naming key and member)."""
-
-
-@cache
-def _lut(norm: PixelNorm) -> np.ndarray:
-    """The 256-entry table of ``norm``: every uint8 value through its exact float ops."""
-    values = np.arange(256, dtype=np.uint8)
-    if norm.rescale_in_float64:
-        x = (values.astype(np.float64) * (1 / 255)).astype(np.float32)
-    else:
-        x = values.astype(np.float32) / np.float32(255)
-    mean, std = np.float32(norm.mean), np.float32(norm.std)
-    return ((x - mean) / std).astype(np.float32)
-
-
-def normalise(rgb: np.ndarray, family: Family = NATIVE_46) -> np.ndarray:
-    """``[H, W, 3]`` uint8 -> ``[H, W, 3]`` float32, normalised as ``family``'s processor."""
-    if rgb.dtype != np.uint8:
-        raise TypeError(f"expected a uint8 image, got {rgb.dtype}")
-    return _lut(family.pixels)[rgb]
-
-
-def reshape_by_patch(hwc: np.ndarray, patch: int = PATCH_SIZE) -> torch.Tensor:
-    """``[H, W, C]`` -> ``[C, patch, H*W/patch]``: the processors' NaViT patch layout.
-
-    Element ``[c, i, (r * (W/patch) + q) * patch + j]`` is pixel ``(r*patch + i, q*patch + j)``
-    of channel ``c``: patches row-major, each patch's rows stacked along dimension 1.
-    """
-    h, w, c = hwc.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image {w}x{h} is not a multiple of the patch size {patch}")
-    out = hwc.reshape(h // patch, patch, w // patch, patch, c).transpose(4, 1, 0, 2, 3)
-    return torch.from_numpy(np.ascontiguousarray(out).reshape(c, patch, -1))
 
 
 def _member_bytes(members: Mapping[str, bytes], key: str, member: str) -> bytes:
@@ -106,16 +61,25 @@ def decode_rgb(data: bytes, key: str, member: str, size: tuple[int, int]) -> np.
     return arr
 
 
+def _tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``rgb`` as a tensor sharing its memory. PIL's arrays are read-only (they wrap the decoded
+    bytes); nothing writes to these tensors -- collating copies out of them -- so torch's
+    warning about read-only arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(rgb)
+
+
 def sample_pixels(
-    meta: SampleMeta, members: Mapping[str, bytes], family: Family = NATIVE_46
+    meta: SampleMeta, members: Mapping[str, bytes]
 ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     """Every (sub)image of ``meta`` in vision order, and its patch grid.
 
-    Returns ``(patches, tgt_sizes)``: per image its source then its slices (row-major, top
-    row first), each ``[3, 14, H*W/14]`` float32; ``tgt_sizes[i] = (H/14, W/14)``, checked
-    against the stored ``layout.tgt_sizes``.
+    Returns ``(images, tgt_sizes)``: per image its source then its slices (row-major, top
+    row first), each uint8 ``[H, W, 3]`` (a slice is a view of its decoded refine image);
+    ``tgt_sizes[i] = (H/14, W/14)``, checked against the stored ``layout.tgt_sizes``.
     """
-    patches: list[torch.Tensor] = []
+    images: list[torch.Tensor] = []
     tgt_sizes: list[tuple[int, int]] = []
     for entry in meta.images:
         layout = entry.layout
@@ -125,21 +89,20 @@ def sample_pixels(
             entry.source_member,
             layout.source_size,
         )
-        views = [normalise(src, family)]
+        views = [_tensor(src)]
         if layout.grid is not None:
             if entry.refine_member is None or layout.refine_size is None:
                 raise PixelError(
                     f"sample {meta.key}: an image with a {layout.grid} grid has no refine "
                     "member; the shard is malformed -- rebuild it"
                 )
-            ref = normalise(
+            ref = _tensor(
                 decode_rgb(
                     _member_bytes(members, meta.key, entry.refine_member),
                     meta.key,
                     entry.refine_member,
                     layout.refine_size,
-                ),
-                family,
+                )
             )
             views += [
                 ref[top:bottom, left:right] for left, top, right, bottom in layout.slice_boxes()
@@ -150,6 +113,6 @@ def sample_pixels(
                 f"sample {meta.key}: image {entry.source_member} gives patch grids {grids}, its "
                 f"layout says {layout.tgt_sizes}; the shard is malformed -- rebuild it"
             )
-        patches += [reshape_by_patch(v) for v in views]
+        images += views
         tgt_sizes += grids
-    return patches, tgt_sizes
+    return images, tgt_sizes

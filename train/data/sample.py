@@ -1,4 +1,4 @@
-"""One sample ready to collate: its metadata, its tokens and labels, its pixels."""
+"""One sample ready to collate: its metadata, its tokens and labels, its uint8 pixels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from mvshards.profiles import get_profile
 from mvshards.schema import SampleMeta
 from mvtrain.data.pixels import sample_pixels
 from mvtrain.data.tokenize import TokenizedSample, tokenize_sample
@@ -21,7 +20,9 @@ class LoadedSample:
     meta: SampleMeta
     tokenized: TokenizedSample
     pixel_values: list[torch.Tensor]
-    """Per (sub)image, in vision order: ``[3, 14, H*W/14]`` float32."""
+    """Per (sub)image, in vision order: uint8 ``[H, W, 3]`` as decoded (a slice is a view of
+    its refine image); the device normalises and patchifies them
+    (:mod:`mvtrain.model.pixel_input`)."""
     tgt_sizes: list[tuple[int, int]]
     """Per (sub)image: patch grid ``(H/14, W/14)``."""
     uid: str = ""
@@ -48,5 +49,5 @@ def load_sample(
     """Tokenize ``meta`` and decode its images from ``members`` (``{ext: bytes}``); ``uid``
     and ``source`` are its id in the run and its loss group."""
     tokenized = tokenize_sample(meta, tokenizer, profile_name)
-    pixel_values, tgt_sizes = sample_pixels(meta, members, get_profile(profile_name).family)
+    pixel_values, tgt_sizes = sample_pixels(meta, members)
     return LoadedSample(meta, tokenized, pixel_values, tgt_sizes, uid=uid, source=source)

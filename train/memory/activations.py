@@ -107,6 +107,10 @@ class ActivationModel:
     """Transient, chunked loss: one chunk's logits and their gradient, per row of the chunk."""
     loss_chunk_rows: int = 0
     """Rows of a full chunk (a batch with fewer label rows has one smaller chunk)."""
+    loss_one_chunk_rows: int = 0
+    """Chunked loss: up to this many label rows the loss is a single chunk, whose head gradient
+    is :attr:`one_chunk_grad_transient_bytes` (no fp32 accumulator over chunks)."""
+    one_chunk_grad_transient_bytes: float = 0.0
     image_tokens_per_patch: float = 0.0
     """Chunked loss, 4.6 family: LLM image tokens per patch (1/16, 1/4 in "4x"). Image
     tokens have no label, so the chunked loss keeps no row for them (0: not deducted)."""
@@ -172,10 +176,13 @@ class ActivationModel:
         b = batch_size or 1
         length = max_len or max(1, padded_tokens // b)
         patches = padded_patches if padded_patches > 0 else self.dummy_patches
-        chunk = min(self.loss_chunk_rows, self._loss_rows(padded_tokens, padded_patches, b, length))
+        rows = self._loss_rows(padded_tokens, padded_patches, b, length)
+        chunk, grad = min(self.loss_chunk_rows, rows), self.grad_transient_bytes
+        if self.chunked_loss and rows <= self.loss_one_chunk_rows:
+            chunk, grad = rows, self.one_chunk_grad_transient_bytes
         loss = (
             self.logits_transient_bytes_per_token * padded_tokens
-            + self.grad_transient_bytes
+            + grad
             + self.loss_chunk_bytes_per_row * chunk
         )
         recompute = (
@@ -231,7 +238,9 @@ def activation_model(config: Any, setup: TrainingSetup | None = None) -> Activat
     recompute_token, recompute_quad = text_terms(led, td, st, x0_grad)
     if x0_grad and vd.family.placeholder_mask:
         led.add("image placeholder mask", "image_token", 1)
-    per_token_transient, grad_transient, chunk_bytes, chunk_rows = loss_transients(td, st)
+    per_token_transient, grad_transient, chunk_bytes, chunk_rows, single_grad, single_rows = (
+        loss_transients(td, st)
+    )
     return ActivationModel(
         bytes_per_token=led.total("token"),
         bytes_per_patch=led.total("patch"),
@@ -251,6 +260,8 @@ def activation_model(config: Any, setup: TrainingSetup | None = None) -> Activat
         chunked_loss=st.chunked_loss,
         loss_chunk_bytes_per_row=chunk_bytes,
         loss_chunk_rows=chunk_rows,
+        loss_one_chunk_rows=single_rows,
+        one_chunk_grad_transient_bytes=single_grad,
         image_tokens_per_patch=_image_tokens_per_patch(vd) if st.chunked_loss else 0.0,
         terms=tuple(led.terms),
     )

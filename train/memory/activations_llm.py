@@ -158,9 +158,12 @@ def loss_terms(led: Ledger, td: TextDims, st: TrainingSetup) -> None:
     led.add("loss total_weight", "const", F)
 
 
-def loss_transients(td: TextDims, st: TrainingSetup) -> tuple[float, float, float, int]:
-    """(bytes per padded token, head-gradient bytes, bytes per chunk row, rows per chunk)
-    held for a moment at the loss's backward.
+def loss_transients(
+    td: TextDims, st: TrainingSetup
+) -> tuple[float, float, float, int, float, int]:
+    """(bytes per padded token, head-gradient bytes, bytes per chunk row, rows per chunk,
+    head-gradient bytes of a single chunk, most rows taken as a single chunk) held for a moment
+    at the loss's backward.
 
     Plain: the fp32 gradient of the log-probs and of the logits, ``2F*vocab`` per token, and
     the head (embedding) weight's gradient ``a*vocab*H`` when it trains. Chunked: the hidden
@@ -169,13 +172,17 @@ def loss_transients(td: TextDims, st: TrainingSetup) -> tuple[float, float, floa
     ``a*vocab*H``, when it trains; one chunk of up to ``c`` rows
     (:func:`mvtrain.model.chunked_loss.chunk_rows_for`): its fp32 logits, turned in place
     into their gradient, and below fp32 the logits or their gradient in ``a``:
-    ``(F + a)*vocab`` per row (``F*vocab`` in fp32)."""
-    from mvtrain.model.chunked_loss import chunk_rows_for
+    ``(F + a)*vocab`` per row (``F*vocab`` in fp32). Up to
+    :func:`~mvtrain.model.chunked_loss.one_chunk_rows` label rows the loss is one chunk, whose
+    head gradient is one matmul in ``a``: ``a*vocab*H``, no fp32 accumulator."""
+    from mvtrain.model.chunked_loss import chunk_rows_for, one_chunk_rows
 
     a, h, vocab = st.act_bytes, td.hidden, td.vocab
     if not st.chunked_loss:
-        return 2 * F * vocab, (0.0 if st.lora else a * vocab * h), 0.0, 0
+        return 2 * F * vocab, (0.0 if st.lora else a * vocab * h), 0.0, 0, 0.0, 0
     low = a < F
     head_grad = 0.0 if st.lora else (F + (a if low else 0)) * vocab * h
     per_row = (F + (a if low else 0)) * vocab
-    return 2 * a * h, head_grad, per_row, chunk_rows_for(vocab)
+    single = one_chunk_rows(vocab, h, int(a), head_trains=not st.lora)
+    single_head_grad = 0.0 if st.lora else a * vocab * h
+    return 2 * a * h, head_grad, per_row, chunk_rows_for(vocab), single_head_grad, single

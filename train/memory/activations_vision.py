@@ -34,8 +34,9 @@ def vision46_terms(led: Ledger, vd: VisionDims, st: TrainingSetup) -> tuple[floa
     """Add the 4.6 vision terms (per patch); return (recompute bytes/patch, features grad).
 
     Layers up to ``insert_layer_id`` see all patches, later ones a quarter in 16x mode
-    (:func:`_vit_layer` each). The patch conv saves the pixels (``a*3*14*14``) and the
-    position ids (8) when it trains. The window merger and the 2x2 MLP merger add their
+    (:func:`_vit_layer` each). The patch conv saves the pixels (``a*3*14*14``: the float32
+    pixels the step makes on the device from the loader's uint8 ones, or their bf16 cast)
+    and the position ids (8) when it trains. The window merger and the 2x2 MLP merger add their
     LayerNorm / linear / GELU inputs at their token counts. ``enable_input_require_grads()``
     (model setup) also hooks the patch embedding, so under checkpointing a frozen tower's
     window merger keeps activations: ``vision_input_requires_grad`` defaults to ``grad_ckpt``.

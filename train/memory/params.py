@@ -22,6 +22,7 @@ model), exactly what ``peft`` adds with ``bias="none"``; everything else is froz
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -107,9 +108,19 @@ def load_config_only(path: Path | str) -> Any:
 
 
 def meta_model(config: Any) -> Any:
-    """The native model of ``config`` built on the meta device (no memory, no init cost)."""
+    """The native model of ``config`` built on the meta device (no memory, no init cost).
+
+    Built once per configuration (``mvtrain plan`` counts the same model for every remedy it
+    tries): a meta model holds no memory, and nothing here changes it.
+    """
+    return _meta_model_of(type(config), json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model_of(config_class: type, config_json: str) -> Any:
     import torch
 
+    config = config_class.from_dict(json.loads(config_json))
     model_type = getattr(config, "model_type", "")
     if model_type == "minicpmv4_7":
         from transformers import MiniCPMV4_7ForConditionalGeneration as cls
@@ -117,9 +128,8 @@ def meta_model(config: Any) -> Any:
         from transformers import MiniCPMV4_6ForConditionalGeneration as cls
     else:
         raise ValueError(f"no native class for model_type {model_type!r}")
-    # A fresh copy: the run may have switched the live config's attention implementation
-    # (mvtrain.model.attention), which a new model would try to load as a kernel.
-    config = config.__class__.from_dict(config.to_dict())
+    # Built from a fresh copy: the run may have switched the live config's attention
+    # implementation (mvtrain.model.attention), which a new model would try to load as a kernel.
     with torch.device("meta"):
         return cls(config)
 

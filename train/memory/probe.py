@@ -4,7 +4,9 @@ Runs forward + backward of the real model on synthetic worst-case batches -- the
 token length alone, the largest patch count with a short text, both together, and points in
 between -- records ``torch.cuda.max_memory_allocated`` above the static baseline (the
 weights) for each, and fits ``bytes = a * padded_tokens + b * padded_patches + c`` by least
-squares. Each parameter's gradient is freed as soon as it is accumulated, as ZeRO does once
+squares. A batch's pixels come as the loader hands them (uint8) and become the model's
+float32 input on the GPU by the step's own conversion, so the peak holds what training holds.
+Each parameter's gradient is freed as soon as it is accumulated, as ZeRO does once
 it has reduced it into its bucket: the persistent gradient storage is the planner's static
 memory, so the fit holds activations and transients only. The fit is saved as JSON with the
 setup it was measured with (:func:`mvtrain.memory.probe_fit.probe_setup`);
@@ -23,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mvshards.families import NATIVE_46
 from mvtrain.memory.probe_fit import FIT_FORMAT
 from mvtrain.memory.saved_tensors import image_tokens_for_grid, synthetic_native_batch
+from mvtrain.model.pixel_input import PixelPack, model_inputs
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ def measure_point(model: torch.nn.Module, adapter: Any, batch: dict[str, Any]) -
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    inputs = model_inputs(batch, device)  # the step's conversion: uint8 pixels to float there
     with gradients_freed_as_produced(model):
         loss, _count = adapter.forward_loss(model, inputs)
         loss.backward()
@@ -104,22 +108,49 @@ def fit_points(points: list[ProbePoint]) -> dict[str, float]:
 def probe_batch(
     model: torch.nn.Module, pad_id: int, batch_size: int, length: int, patches: int
 ) -> dict[str, Any]:
-    """A synthetic native batch: ``batch_size`` rows of ``length`` tokens, ``patches`` patches
-    as 32x32 slices in the first sample (its length grows to hold their image tokens)."""
+    """A synthetic native batch as the loader hands it (random uint8 pixels in a
+    :class:`~mvtrain.model.pixel_input.PixelPack`): ``batch_size`` rows of ``length``
+    tokens, ``patches`` patches as 32x32 slices in the first sample (its length grows to hold
+    their image tokens)."""
     config = model.config
     grids: list[list[tuple[int, int]]] = [[] for _ in range(batch_size)]
     grids[0] = [(32, 32)] * max(0, patches // 1024)
     image_tokens = sum(image_tokens_for_grid(r, c, config.downsample_mode) for r, c in grids[0])
     lengths = [max(length, image_tokens + 2 if i == 0 else 2) for i in range(batch_size)]
-    return synthetic_native_batch(
+    batch = synthetic_native_batch(
         lengths,
         grids,
         image_token_id=config.image_token_id,
         pad_token_id=pad_id,
         vocab_size=config.text_config.vocab_size,
         downsample_mode=config.downsample_mode,
-        dtype=next(model.parameters()).dtype,
     )
+    if batch["pixel_values"] is not None:
+        batch["pixel_values"] = random_pixels(grids)
+    return batch
+
+
+def random_pixels(grids: list[list[tuple[int, int]]], seed: int = 0) -> PixelPack:
+    """Random uint8 (sub)images of the patch grids ``grids[s]`` of each sample ``s``, packed
+    for the 4.6 family."""
+    gen = torch.Generator().manual_seed(seed)
+    images = [
+        [
+            torch.randint(0, 256, (r * 14, c * 14, 3), dtype=torch.uint8, generator=gen)
+            for r, c in sample_grids
+        ]
+        for sample_grids in grids
+    ]
+    return PixelPack.pack(images, NATIVE_46)
+
+
+def require_cuda() -> None:
+    """Raise ``RuntimeError`` (one line, naming ``mvtrain plan``) unless CUDA is available."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "mvtrain probe measures GPU memory and needs CUDA; on this machine use "
+            "`mvtrain plan`, which predicts from the model config"
+        )
 
 
 def run_probe(
@@ -133,11 +164,7 @@ def run_probe(
 ) -> dict[str, Any]:
     """Measure the probe shapes on the GPU, fit, save the fit with ``setup`` (the record of
     :func:`~mvtrain.memory.probe_fit.probe_setup`) to ``out``; return it."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "mvtrain probe measures GPU memory and needs CUDA; on this machine use "
-            "`mvtrain plan`, which predicts from the model config"
-        )
+    require_cuda()
     model.cuda().train()
     points = []
     for batch_size, length, patches in probe_shapes(max_tokens, max_patches):

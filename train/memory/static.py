@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mvtrain.precision import DTYPES, bytes_per_element, engine_precision
+from mvtrain.precision import bytes_per_element, engine_precision
+from mvtrain.run_config import DTYPES
 
 DEFAULT_REDUCE_BUCKET = 200_000_000
 """Elements in one ZeRO reduce bucket (``reduce_bucket_size`` of the generated config)."""

@@ -1,5 +1,12 @@
 """Per-family batches: what each model's ``forward`` takes, and what a batch costs padded.
 
+Two forms of a batch: :meth:`~_FamilyAdapter.host_batch` is what the loader hands the step --
+every input below, except that ``pixel_values`` is a uint8
+:class:`~mvtrain.model.pixel_input.PixelPack` (None: a 4.6 batch without images);
+:func:`~mvtrain.model.pixel_input.model_inputs` turns it into the model's inputs on the
+training device, and :meth:`~_FamilyAdapter.collate` gives those on the CPU (for checks and
+tools). The model's inputs:
+
 * :class:`Native46Adapter` -- transformers' ``MiniCPMV4_6ForConditionalGeneration`` (and 4.7):
   ``input_ids``/``attention_mask``/``labels`` ``[B, L]`` right-padded, and all (sub)images of
   the batch NaViT-packed into one ``pixel_values`` ``[1, 3, 14, sum(L_i * 14)]`` with
@@ -57,6 +64,7 @@ from mvtrain.model.chunked_loss import (
     head_returns_hidden,
     output_head,
 )
+from mvtrain.model.pixel_input import PixelPack, model_inputs
 
 DUMMY_GRID = 4
 """Side, in patches, of the dummy image a text-only 4.6 micro-batch runs (4x4 = 16 patches:
@@ -192,6 +200,19 @@ class _FamilyAdapter:
             cls.family.cost.check(cost)
         return cls.family.cost.padded(costs)
 
+    def host_batch(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
+        """The collated micro-batch as the loader hands it: pixels as a uint8 pack."""
+        raise NotImplementedError
+
+    def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
+        """The model's inputs (plus ``labels``) on the CPU: :meth:`host_batch` through
+        :func:`~mvtrain.model.pixel_input.model_inputs`, as the step makes them on its
+        device."""
+        return model_inputs(self.host_batch(samples), "cpu")
+
+    def _pixels(self, samples: Sequence[LoadedSample]) -> PixelPack:
+        return PixelPack.pack([s.pixel_values for s in samples], self.family)
+
 
 class Native46Adapter(_FamilyAdapter):
     """Batches for the native MiniCPM-V 4.6 / 4.7 classes."""
@@ -215,24 +236,22 @@ class Native46Adapter(_FamilyAdapter):
         four_x = profile is not None and profile.patch_tokens_divisor == 4
         return cls(pad_token_id, "4x" if four_x else None, chunked_loss)
 
-    def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
-        """Model inputs plus ``labels``; ``pixel_values``/``target_sizes`` None without images."""
+    def host_batch(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
+        """Model inputs plus ``labels``, the pixels packed uint8; ``pixel_values`` and
+        ``target_sizes`` None without images."""
         if not samples:
             raise ValueError("cannot collate an empty micro-batch")
         ids = [s.tokenized.input_ids for s in samples]
         input_ids = _pad_rows(ids, self.pad_token_id)
         attention_mask = _pad_rows([[1] * len(r) for r in ids], 0)
         labels = _pad_rows([s.tokenized.labels for s in samples], IGNORE_INDEX)
-        patches = [p for s in samples for p in s.pixel_values]
         grids = [g for s in samples for g in s.tgt_sizes]
-        pixel_values = torch.cat(patches, dim=-1).unsqueeze(0) if patches else None
-        target_sizes = torch.tensor(grids, dtype=torch.int32) if grids else None
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": pixel_values,
-            "target_sizes": target_sizes,
+            "pixel_values": self._pixels(samples) if grids else None,
+            "target_sizes": torch.tensor(grids, dtype=torch.int32) if grids else None,
         }
 
     @staticmethod
@@ -353,8 +372,9 @@ class Remote26Adapter(_FamilyAdapter):
         """The adapter of ``profile`` (every 2.6-family profile batches alike)."""
         return cls(pad_token_id, chunked_loss)
 
-    def collate(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
-        """The official ``data_collator`` layout, labels shifted left by one."""
+    def host_batch(self, samples: Sequence[LoadedSample]) -> dict[str, Any]:
+        """The official ``data_collator`` layout, labels shifted left by one, the pixels packed
+        uint8 (their model form: per sample a list, ``[]`` without images)."""
         if not samples:
             raise ValueError("cannot collate an empty micro-batch")
         ids = [s.tokenized.input_ids for s in samples]
@@ -373,7 +393,7 @@ class Remote26Adapter(_FamilyAdapter):
             "position_ids": _pad_rows([list(range(len(r))) for r in ids], 0),
             "attention_mask": _pad_rows([[1] * len(r) for r in ids], 0).bool(),
             "labels": _pad_rows(shifted, IGNORE_INDEX),
-            "pixel_values": [list(s.pixel_values) for s in samples],
+            "pixel_values": self._pixels(samples),
             "tgt_sizes": tgt_sizes,
             "image_bound": image_bound,
         }

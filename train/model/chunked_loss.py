@@ -20,6 +20,9 @@ model. Here instead:
   chunks and returned in the weight's dtype; a frozen head (LoRA) gets none, and a
   micro-batch without labels still gives the head a zero gradient (every rank's backward
   fills the same ZeRO-2 buckets).
+* Below fp32, that accumulator (``[vocab, hidden]`` fp32) can cost more than the logits it
+  saves: a micro-batch of up to :func:`one_chunk_rows` label rows is one chunk, whose head
+  gradient is one matmul in the compute dtype, as in the plain loss.
 
 The autocast state of the forward (the plain torch engine's bf16) is re-entered in backward,
 so the recomputed chunk is the forward's, op for op.
@@ -45,6 +48,23 @@ CHUNK_BYTES = 256 * 2**20
 def chunk_rows_for(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Label rows per chunk: ``chunk_bytes`` of fp32 logits (at least 1)."""
     return max(1, chunk_bytes // (4 * vocab))
+
+
+def one_chunk_rows(
+    vocab: int, hidden: int, act_bytes: int, head_trains: bool, chunk_bytes: int = CHUNK_BYTES
+) -> int:
+    """The most label rows the loss takes as one chunk.
+
+    Over several chunks of ``c`` rows (:func:`chunk_rows_for`) the head weight's gradient is
+    summed in an fp32 buffer, ``4*vocab*hidden`` bytes, besides each chunk's product in the
+    compute dtype (``act_bytes``); one chunk needs no buffer (its gradient is one matmul, as in
+    the plain loss). A chunk of ``N`` rows holds ``(4 + act_bytes)*vocab`` bytes per row, so
+    below fp32 one chunk costs less up to ``N = c + 4*hidden/(4 + act_bytes)`` rows. In fp32
+    the buffer is the gradient itself, and a frozen head (LoRA) has none: then ``c``."""
+    rows = chunk_rows_for(vocab, chunk_bytes)
+    if act_bytes >= 4 or not head_trains:
+        return rows
+    return rows + (4 * hidden) // (4 + act_bytes)
 
 
 def _passthrough(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -145,7 +165,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight: torch.Tensor | None = None
-        if need_weight:
+        one_chunk = hidden.shape[0] <= ctx.rows  # the head's gradient is one matmul
+        if need_weight and not one_chunk:
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         device_type, enabled, dtype = ctx.autocast
         with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
@@ -163,12 +184,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 del probs
                 if grad_hidden is not None:
                     grad_hidden[start:stop] = torch.mm(grad_logits, weight)
-                if grad_weight is not None:
+                if need_weight and one_chunk:
+                    grad_weight = torch.mm(grad_logits.t(), h)
+                elif grad_weight is not None:
                     if grad_logits.dtype == h.dtype == torch.float32 and not enabled:
                         grad_weight.addmm_(grad_logits.t(), h)
                     else:
                         grad_weight += torch.mm(grad_logits.t(), h)
                 del grad_logits
+        if need_weight and grad_weight is None:  # no label rows: a zero gradient all the same
+            grad_weight = torch.zeros_like(weight)
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -212,9 +237,16 @@ def chunked_token_losses(
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(token losses fp32 [N], their batch rows [N], keep [B, L])`` of the label positions
-    (see :func:`select_label_rows`), ``chunk_rows`` rows at a time (None:
-    :func:`chunk_rows_for` the vocabulary)."""
+    (see :func:`select_label_rows`), ``chunk_rows`` rows at a time (None: one chunk up to
+    :func:`one_chunk_rows`, else :func:`chunk_rows_for` the vocabulary)."""
     rows, targets, row_ids, keep = select_label_rows(hidden, labels, pre_shifted, label_count)
-    step = chunk_rows or chunk_rows_for(weight.shape[0])
+    step = chunk_rows
+    if step is None:
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
+        compute = torch.get_autocast_dtype(device) if autocast else weight.dtype
+        vocab, width = weight.shape
+        single = one_chunk_rows(vocab, width, compute.itemsize, weight.requires_grad)
+        step = max(1, rows.shape[0]) if rows.shape[0] <= single else chunk_rows_for(vocab)
     losses = ChunkedCrossEntropy.apply(rows, weight, targets, step)
     return losses, row_ids, keep
