@@ -306,15 +306,16 @@ def test_tiny_vision_plans_once_per_cu_seqlens_tensor(monkeypatch: pytest.Monkey
         return vision(pixels, target_sizes=sizes).last_hidden_state.detach()
 
     assert use_batched_varlen_attention(model)
-    calls: list[int] = []
-    plans: list[int] = []
+    # the tensors themselves, kept alive: the id of a freed tensor can come back for the next
+    calls: list[torch.Tensor] = []
+    plans: list[torch.Tensor] = []
 
     def counting_sdpa(*args, **kwargs):
-        calls.append(id(kwargs["cu_seq_lens_q"]))
+        calls.append(kwargs["cu_seq_lens_q"])
         return varlen_sdpa(*args, **kwargs)
 
     def counting_plan(cu_seqlens, *args, **kwargs):
-        plans.append(id(cu_seqlens))
+        plans.append(cu_seqlens)
         return plan_varlen(cu_seqlens, *args, **kwargs)
 
     AttentionInterface.register(IMPLEMENTATION, counting_sdpa)
@@ -324,7 +325,8 @@ def test_tiny_vision_plans_once_per_cu_seqlens_tensor(monkeypatch: pytest.Monkey
     finally:
         AttentionInterface.register(IMPLEMENTATION, varlen_sdpa)
     assert len(calls) == 5
-    assert len(plans) == len(set(calls)) == 3
+    distinct = {id(t) for t in calls}
+    assert len(plans) == len(distinct) == 3 and {id(t) for t in plans} == distinct
 
     AttentionInterface.register(REFERENCE, previous_varlen_sdpa)
     torch.testing.assert_close(batched, run(REFERENCE), rtol=0, atol=1e-6)
