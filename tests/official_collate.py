@@ -11,8 +11,9 @@ Provenance: ``finetune/dataset.py`` of https://github.com/OpenBMB/MiniCPM-V at c
   the same algorithm as ``dataset.py``'s own ``slice_image``: grid from
   ``get_sliced_grid``, ``find_best_resize``/``get_refine_size``, PIL bicubic resizes of the
   original image, ``split_to_patches``);
-* ``conversation_to_ids`` calls ``conversation_to_ids_qwen2`` of ``official_labels.py``
-  (same upstream function, without the unused ``raw_msg``), and ``raw_msg`` is left out of
+* ``conversation_to_ids`` calls ``conversation_to_ids_qwen2`` (same upstream function,
+  without the unused ``raw_msg``) and ``build_target`` (its own "build target" loop,
+  verbatim) of ``official_labels.py``, and ``raw_msg`` is left out of
   its result; the ``logger`` calls are dropped (the exceptions stay; the truncation warning
   is a comment);
 * the ``numpy``/``torch`` imports are local; the ``Dict`` annotation check is ``dict``;
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from official_labels import conversation_to_ids_qwen2
+from official_labels import build_target, conversation_to_ids_qwen2
 from torch.nn.utils.rnn import pad_sequence
 
 
@@ -128,16 +129,7 @@ def conversation_to_ids(
         raise Exception("No tokens available to compute loss.")
 
     # build target
-    target = torch.full_like(ids, -100, dtype=torch.int32)
-
-    for i in range(1, len(ids)):
-        if context[i] == 0:
-            target[i - 1] = ids[i]
-        if context[i] == 1 and context[i - 1] == 0:
-            if hasattr(tokenizer, "eot_id"):
-                target[i - 1] = tokenizer.eot_id
-            else:
-                target[i - 1] = tokenizer.eos_id
+    target = build_target(ids, context, tokenizer)
 
     # build image bound
     if new_schema:

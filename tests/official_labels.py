@@ -67,6 +67,11 @@ def official_target(conversation: list[dict[str, str]], tokenizer: Any) -> tuple
     input_ids, context = conversation_to_ids_qwen2(conversation, tokenizer)
     ids = torch.from_numpy(np.hstack(input_ids, dtype=np.int32))
     context = torch.from_numpy(np.hstack(context, dtype=np.int8))
+    return ids.tolist(), build_target(ids, context, tokenizer).tolist()
+
+
+def build_target(ids: torch.Tensor, context: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Upstream's "build target" loop of ``conversation_to_ids``, verbatim."""
     target = torch.full_like(ids, -100, dtype=torch.int32)
     for i in range(1, len(ids)):
         if context[i] == 0:
@@ -76,4 +81,4 @@ def official_target(conversation: list[dict[str, str]], tokenizer: Any) -> tuple
                 target[i - 1] = tokenizer.eot_id
             else:
                 target[i - 1] = tokenizer.eos_id
-    return ids.tolist(), target.tolist()
+    return target

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import train_fixtures
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from run_helpers import _losses
 from train_fixtures import Loaded, _text_only, _with_images, alone_loss
 
 from mvshards.families import NATIVE_46
@@ -324,13 +325,6 @@ def test_per_source_loss_equals_plain_single_sample_forwards(
 
 
 # --- a two-source run, stopped and resumed ------------------------------------------------
-
-
-def _losses(out: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    }
 
 
 def _run_config(shards: list[object], out: Path, **changes: object) -> RunConfig:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,14 +175,7 @@ def load_checkpoint(
         _set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False)["rng"])
     else:
         seed_rng(seed, state.step, info.rank)
-    return TrainState(
-        step=state.step,
-        budgets=state.budgets,
-        events=list(state.events),
-        schedule=state.schedule,
-        position=state.position,
-        setup=state.setup,
-    )
+    return replace(state, events=list(state.events))
 
 
 def seed_rng(seed: int, step: int, rank: int) -> None:

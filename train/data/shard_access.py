@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from mvshards.index import SampleRanges
-from mvshards.storage import READ_BLOCK, Location, ObjectPath, StorageError, location
+from mvshards.storage import READ_BLOCK, Location, ObjectPath, StorageError, location, read_range
 from mvshards.tario import split_member_name
 
 HEADER_BLOCK = 64 << 10
@@ -240,16 +240,8 @@ def _scan(where: Location, key: str, block: int) -> MemberTable:
 
 
 def _read_span(where: Location, span: SampleSpan) -> bytes:
-    return _read_range(where, span.start, span.stop)
-
-
-def _read_range(where: Location, start: int, stop: int) -> bytes:
-    """Bytes ``[start, stop)`` of a shard: one ranged GET, or one seek and read."""
-    if isinstance(where, ObjectPath):
-        return where.read_range(start, stop)
-    with open(where, "rb") as handle:
-        handle.seek(start)
-        return handle.read(stop - start)
+    """A sample's bytes: one ranged GET, or one seek and read."""
+    return read_range(where, span.start, span.stop)
 
 
 def _read_recorded(where: Location, key: str, ranges: SampleRanges) -> dict[str, bytes]:
@@ -260,7 +252,7 @@ def _read_recorded(where: Location, key: str, ranges: SampleRanges) -> dict[str,
     start, stop = found
     if stop <= start:
         raise ShardReadError(where, key, f"has the empty byte range [{start}, {stop}) in the index")
-    data = _read_range(where, start, stop)
+    data = read_range(where, start, stop)
     if len(data) != stop - start:
         raise ShardReadError(where, key, "is cut short")
     return split_sample(where, key, start, data)
